@@ -1,0 +1,3 @@
+from cfnode.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The DHT entry point of a run; it publishes the run spec."""

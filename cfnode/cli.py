@@ -1,0 +1,229 @@
+"""The `cfnode` command line: parse flags into configs, then run one role."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cfnode import __version__
+from cfnode.config import ConfigError, JoinConfig, NetworkConfig, RunSpec, TrainConfig
+
+# Errors a user can cause (bad input, an unreachable swarm): one line and a non-zero exit, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError, RuntimeError, TimeoutError)
+
+
+class CfnodeGroup(click.Group):
+    """Reports usage errors as one line: `cfnode <command>: error: <reason>`."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            sys.exit(130)
+        except click.ClickException as e:
+            command = e.ctx.command_path if getattr(e, "ctx", None) is not None else "cfnode"
+            click.echo(f"{command}: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+
+
+def _setup_logging(level: str) -> None:
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("in_root_logger")
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("cfnode").setLevel(level.upper())
+
+
+def _run(command: str, fn: Callable[[], Any]) -> Any:
+    """Run a role; a failure the user can act on becomes one line on stderr and exit status 1."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except USER_ERRORS as e:
+        click.echo(f"cfnode {command}: error: {e}", err=True)
+        sys.exit(1)
+
+
+def network_options(fn: Callable) -> Callable:
+    options = [
+        click.option("--initial-peers", "initial_peers", envvar="CFNODE_INITIAL_PEERS", multiple=True,
+                     help="Multiaddr of a peer already in the swarm (the bootstrap's); repeatable. "
+                          "Env: CFNODE_INITIAL_PEERS (space-separated)."),
+        click.option("--host", default="127.0.0.1", show_default=True, envvar="CFNODE_HOST",
+                     help="Address to listen on (0.0.0.0 for all interfaces)."),
+        click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, envvar="CFNODE_PORT",
+                     help="TCP port to listen on; 0 picks a free one."),
+        click.option("--identity", type=click.Path(dir_okay=False), envvar="CFNODE_IDENTITY",
+                     help="Private key file; created if missing. Keeps the peer id across restarts."),
+        click.option("--announce-maddr", "announce_maddrs", multiple=True, envvar="CFNODE_ANNOUNCE_MADDRS",
+                     help="Multiaddr other peers should dial to reach this one (behind NAT); repeatable."),
+        click.option("--run-id", default="cfnode", show_default=True, envvar="CFNODE_RUN_ID",
+                     help="Name of the run; several runs can share one DHT."),
+        click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+                     envvar="CFNODE_CONNECT_TIMEOUT", help="Seconds to reach the initial peers and find the run."),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+                     show_default=True, envvar="CFNODE_LOG_LEVEL"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _network(kw: dict[str, Any], client_mode: bool = False, require_peers: bool = True) -> NetworkConfig:
+    peers = tuple(p for item in kw.pop("initial_peers") for p in item.split())
+    if require_peers and not peers:
+        raise click.UsageError("--initial-peers is required (the bootstrap's multiaddr; env CFNODE_INITIAL_PEERS)")
+    _setup_logging(kw.pop("log_level"))
+    return NetworkConfig(
+        initial_peers=peers, host=kw.pop("host"), port=kw.pop("port"), identity_path=kw.pop("identity"),
+        announce_maddrs=tuple(kw.pop("announce_maddrs")), client_mode=client_mode, run_id=kw.pop("run_id"),
+        connect_timeout=kw.pop("connect_timeout"),
+    )
+
+
+@click.group(cls=CfnodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cfnode")
+def main() -> None:
+    """cfnode: train a LLaMa-style model over a swarm of unreliable peers.
+
+    Start a `bootstrap`, `join` stage peers to it, then `train`. `swarm` does all of it on this machine.
+    """
+
+
+@main.command()
+@network_options
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), envvar="CFNODE_CONFIG",
+              help="Run spec as YAML, TOML or JSON (keys: num_stages, layers_per_stage, hidden_size, ...).")
+@click.option("--maddr-file", type=click.Path(dir_okay=False), help="Write the bootstrap's multiaddr here.")
+def bootstrap(config_path: str | None, maddr_file: str | None, **kw: Any) -> None:
+    """Start the DHT entry point and publish the run spec."""
+    from cfnode.bootstrap.server import run_bootstrap
+    from cfnode.node.runtime import run_role
+
+    network = _network(kw, require_peers=False)
+    spec = _run("bootstrap", lambda: RunSpec.from_file(config_path) if config_path else RunSpec())
+    spec = spec.replace(run_id=network.run_id)
+    _run("bootstrap", lambda: run_role(lambda: run_bootstrap(network, spec, maddr_file)))
+
+
+def _parse_stage(value: str) -> int | None:
+    if value == "auto":
+        return None
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"must be 'auto' or a stage number >= 1, got {value!r}", param_hint="--stage")
+
+
+@main.command()
+@network_options
+@click.option("--stage", default="auto", show_default=True, envvar="CFNODE_STAGE",
+              help="Body stage to serve (1..S), or 'auto': a lost stage first, else the weakest.")
+@click.option("--device", default="cpu", show_default=True, envvar="CFNODE_DEVICE",
+              type=click.Choice(["cpu", "cuda"]), help="Where this stage computes.")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds for this peer's own calls (state download, gradient exchange).")
+def join(stage: str, device: str, request_timeout: float, **kw: Any) -> None:
+    """Serve one pipeline stage until stopped."""
+    from cfnode.node.join import run_join
+    from cfnode.node.runtime import run_role
+
+    chosen = _parse_stage(stage)
+    _check_device(device)
+    config = JoinConfig(_network(kw), chosen, device, request_timeout)
+    _run("join", lambda: run_role(lambda: run_join(config)))
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+
+
+@main.command()
+@network_options
+@click.option("--steps", type=click.IntRange(min=1), required=True, help="Optimiser steps to train.")
+@click.option("--data", "data_path", type=click.Path(exists=True), envvar="CFNODE_DATA",
+              help="Text file or folder of .txt files. Default: the Python standard library's source.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sequences per step.")
+@click.option("--microbatches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Microbatches per step; they flow through the stages concurrently.")
+@click.option("--log-jsonl", type=click.Path(dir_okay=False), envvar="CFNODE_LOG_JSONL",
+              help="Append one JSON line per step and per swarm event.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Validation loss every N steps (0: only at the end).")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds per forward, backward or step call before trying another replica.")
+@click.option("--stage-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="Seconds to wait for a stage with no peer before giving up.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order.")
+def train(steps: int, data_path: str | None, batch_size: int, microbatches: int, log_jsonl: str | None,
+          eval_every: int, request_timeout: float, stage_timeout: float, device: str, seed: int,
+          **kw: Any) -> None:
+    """Train N steps through the swarm's stages."""
+    from cfnode.node.runtime import run_role
+    from cfnode.node.trainer import run_train
+
+    _check_device(device)
+    config = _run("train", lambda: TrainConfig(
+        network=_network(kw), steps=steps, data_path=data_path, batch_size=batch_size, microbatches=microbatches,
+        log_jsonl=log_jsonl, eval_every=eval_every, request_timeout=request_timeout, stage_timeout=stage_timeout,
+        device=device, seed=seed,
+    ))
+    summary = _run("train", lambda: run_role(lambda: run_train(config)))
+    click.echo(f"trained to step {summary['final_step']}: loss {summary['loss']:.4f}"
+               + (f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""))
+
+
+@main.command()
+@network_options
+@click.option("--json", "as_json", is_flag=True, help="Print the stage map as JSON.")
+def status(as_json: bool, **kw: Any) -> None:
+    """Show every stage's peers; exit 1 if a stage has no live peer."""
+    from cfnode.node.runtime import run_role
+    from cfnode.node.status import collect_status, render_table
+
+    network = _network(kw, client_mode=True)
+    report = _run("status", lambda: run_role(lambda: collect_status(network)))
+    click.echo(json.dumps(report, indent=2) if as_json else render_table(report))
+    if any(not stage["online"] for stage in report["stages"]):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--stages", type=click.IntRange(min=1), default=3, show_default=True, help="Body stages.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Peers per stage.")
+@click.option("--steps", type=click.IntRange(min=1), default=150, show_default=True, help="Training steps.")
+@click.option("--data", "data_path", type=click.Path(exists=True), help="Text file or folder of .txt files.")
+@click.option("--log-jsonl", type=click.Path(dir_okay=False), help="The trainer's JSON lines log.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="Run spec file; --stages overrides its num_stages.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--microbatches", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), help="Where the processes' logs go (default: a temp dir).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def swarm(stages: int, replicas: int, steps: int, data_path: str | None, log_jsonl: str | None,
+          config_path: str | None, batch_size: int, microbatches: int, workdir: str | None, log_level: str) -> None:
+    """Run a whole swarm on this machine: bootstrap, stages x replicas peers and a trainer."""
+    from cfnode.launcher import LocalSwarm, SwarmLayout
+
+    _setup_logging(log_level)
+    spec = _run("swarm", lambda: (RunSpec.from_file(config_path) if config_path else RunSpec()).replace(
+        num_stages=stages))
+    layout = SwarmLayout(spec=spec, replicas=replicas, steps=steps, data_path=data_path, log_jsonl=log_jsonl,
+                         batch_size=batch_size, microbatches=microbatches,
+                         workdir=Path(workdir) if workdir else None, log_level=log_level)
+    code = _run("swarm", lambda: LocalSwarm(layout).run())
+    sys.exit(code)

@@ -1,0 +1,180 @@
+"""Run spec: the model shape and training settings every node of one run must agree on."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+RECOVERY_MODES = ("none", "checkfree", "checkfree+", "uniform", "copy", "random")
+
+
+class ConfigError(ValueError):
+    """A run spec or flag value that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Published by the bootstrap on the DHT; every peer and trainer reads it from there."""
+
+    run_id: str = "cfnode"  # namespace of every DHT key of this run
+    num_stages: int = 3  # body stages 1..S; the trainer holds embedding, final norm and head
+    layers_per_stage: int = 2  # identical transformer blocks per body stage
+    hidden_size: int = 128
+    num_heads: int = 4
+    seq_len: int = 128
+    vocab_size: int = 256  # byte-level tokenizer
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max L2 norm of a stage's gradient per step
+    seed: int = 0  # fresh weights of every stage derive from it
+    recovery: str = "checkfree"
+    lr_scale: float = 1.1  # learning-rate factor for a stage rebuilt from its neighbours
+    announce_ttl: float = 10.0  # seconds an announcement lives unless refreshed
+    max_message_mb: float = 64.0  # largest activation or gradient payload a peer accepts
+
+    def __post_init__(self) -> None:
+        positive_ints = ("num_stages", "layers_per_stage", "hidden_size", "num_heads", "seq_len", "vocab_size")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "grad_clip", "lr_scale", "announce_ttl", "max_message_mb"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.hidden_size % self.num_heads != 0 or (self.hidden_size // self.num_heads) % 2 != 0:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
+                "into an even head size (rotary embeddings rotate pairs)"
+            )
+        if self.recovery not in RECOVERY_MODES:
+            raise ConfigError(f"recovery must be one of {', '.join(RECOVERY_MODES)}; got {self.recovery!r}")
+        plain_run_id = isinstance(self.run_id, str) and self.run_id.replace("-", "").replace("_", "").isalnum()
+        if not plain_run_id:
+            raise ConfigError(f"run_id must be a non-empty name of letters, digits, '-' and '_', got {self.run_id!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 2**20)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> RunSpec:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunSpec:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown run spec key(s): {', '.join(unknown)}; valid keys: {', '.join(known)}")
+        values = {}
+        for name, value in data.items():
+            # TOML and YAML give ints where floats are meant ("lr: 1"); accept them.
+            if known[name].type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            values[name] = value
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunSpec:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            if path.suffix == ".toml":
+                data = tomllib.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(text) or {}
+            elif path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                raise ConfigError(f"config {path} must end in .yaml, .yml, .toml or .json")
+        except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot parse config {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must hold a mapping of keys to values")
+        return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """How a node joins the DHT: shared by join, train, status and bootstrap."""
+
+    initial_peers: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 0
+    identity_path: str | None = None
+    announce_maddrs: tuple[str, ...] = ()
+    client_mode: bool = False
+    run_id: str = "cfnode"
+    connect_timeout: float = 30.0  # bound on reaching the initial peers and finding the run spec
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.connect_timeout <= 0:
+            raise ConfigError("connect timeout must be positive")
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    """A stage peer: which stage to serve and where to compute."""
+
+    network: NetworkConfig
+    stage: int | None = None  # None: choose automatically
+    device: str = "cpu"
+    request_timeout: float = 30.0  # for the RPCs this peer makes (state download, gradient exchange)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The trainer: the data, the schedule and the failure handling."""
+
+    network: NetworkConfig
+    steps: int = 100
+    data_path: str | None = None
+    batch_size: int = 16
+    microbatches: int = 4
+    log_jsonl: str | None = None
+    eval_every: int = 10  # validation loss every N steps (0: only at the end)
+    eval_batches: int = 4
+    request_timeout: float = 30.0  # per forward / backward / step call
+    stage_timeout: float = 300.0  # how long to wait for a lost stage to come back before giving up
+    ban_seconds: float = 15.0  # how long a failed peer is skipped
+    device: str = "cpu"
+    seed: int = 0  # data order
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1 or self.microbatches < 1:
+            raise ConfigError("batch size and microbatches must be at least 1")
+        if self.batch_size % self.microbatches != 0:
+            raise ConfigError(
+                f"batch size {self.batch_size} must be a multiple of the number of microbatches {self.microbatches}"
+            )
+        if self.request_timeout <= 0 or self.stage_timeout <= 0 or self.ban_seconds < 0:
+            raise ConfigError("timeouts must be positive")

@@ -1,0 +1,175 @@
+"""`cfnode swarm`: a whole swarm on this machine, each role its own process, all stopped together.
+
+Every child runs in its own process group, so stopping it also stops the DHT process and the p2p daemon
+it started; nothing is left behind on exit, on Ctrl-C or on an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from hivemind.utils.logging import get_logger
+
+from cfnode.config import RunSpec
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class SwarmLayout:
+    spec: RunSpec
+    replicas: int = 1
+    steps: int = 150
+    data_path: str | None = None
+    log_jsonl: str | None = None
+    batch_size: int = 16
+    microbatches: int = 4
+    workdir: Path | None = None
+    log_level: str = "info"
+    train_args: list[str] = field(default_factory=list)  # extra flags for `cfnode train`
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+def cfnode_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cfnode", *args]
+
+
+def spawn(name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None,
+          stdout: int | IO | None = None) -> Child:
+    """Start `cfnode <args>` in a new process group, its output appended to log_path unless stdout is given."""
+    output = stdout if stdout is not None else open(log_path, "ab")
+    process = subprocess.Popen(cfnode_command(*args), stdout=output, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})})
+    return Child(name, process, log_path)
+
+
+def kill_group(child: Child, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(child.process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_all(children: list[Child], grace: float = 5.0) -> None:
+    """SIGTERM every group, wait up to `grace` seconds, then SIGKILL whatever is left."""
+    for child in children:
+        if child.process.poll() is None:
+            kill_group(child, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        try:
+            child.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for child in children:
+        kill_group(child, signal.SIGKILL)  # the group may hold a DHT process or daemon even after the leader exits
+        try:
+            child.process.wait(5)
+        except subprocess.TimeoutExpired:
+            logger.warning(f"{child.name} (pid {child.process.pid}) did not exit after SIGKILL")
+
+
+def wait_for_maddr(path: Path, bootstrap: Child, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        if bootstrap.process.poll() is not None:
+            raise RuntimeError(f"the bootstrap exited with status {bootstrap.process.returncode}; "
+                               f"see {bootstrap.log_path}")
+        time.sleep(0.1)
+    raise TimeoutError(f"the bootstrap did not become ready within {timeout:.0f} s; see {bootstrap.log_path}")
+
+
+class LocalSwarm:
+    def __init__(self, layout: SwarmLayout):
+        self.layout = layout
+        self.workdir = layout.workdir or Path(tempfile.mkdtemp(prefix="cfnode-swarm-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+        self.peers: dict[int, list[Child]] = {}
+        self.maddr = ""
+
+    def start_bootstrap(self) -> str:
+        spec_path = self.workdir / "spec.json"
+        spec_path.write_text(json.dumps(self.layout.spec.to_dict(), indent=2))
+        maddr_path = self.workdir / "bootstrap.maddr"
+        maddr_path.unlink(missing_ok=True)
+        bootstrap = spawn("bootstrap", ["bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path),
+                                        "--run-id", self.layout.spec.run_id, "--log-level", self.layout.log_level],
+                          self.workdir / "bootstrap.log")
+        self.children.append(bootstrap)
+        self.maddr = wait_for_maddr(maddr_path, bootstrap, timeout=60)
+        return self.maddr
+
+    def start_peer(self, stage: int | str) -> Child:
+        index = sum(len(v) for v in self.peers.values())
+        name = f"peer-{index}-stage-{stage}"
+        child = spawn(name, ["join", "--initial-peers", self.maddr, "--stage", str(stage),
+                             "--run-id", self.layout.spec.run_id, "--log-level", self.layout.log_level],
+                      self.workdir / f"{name}.log")
+        self.children.append(child)
+        self.peers.setdefault(stage if isinstance(stage, int) else 0, []).append(child)
+        return child
+
+    def train_command(self) -> list[str]:
+        layout = self.layout
+        args = ["train", "--initial-peers", self.maddr, "--steps", str(layout.steps),
+                "--batch-size", str(layout.batch_size), "--microbatches", str(layout.microbatches),
+                "--run-id", layout.spec.run_id, "--log-level", layout.log_level]
+        if layout.data_path:
+            args += ["--data", layout.data_path]
+        if layout.log_jsonl:
+            args += ["--log-jsonl", layout.log_jsonl]
+        return args + layout.train_args
+
+    def run(self) -> int:
+        """Start everything, show the trainer's progress, stop everything; returns the trainer's exit status."""
+        spec = self.layout.spec
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        try:
+            print(f"local swarm: {spec.num_stages} stages x {self.layout.replicas} replicas; logs in {self.workdir}",
+                  flush=True)
+            self.start_bootstrap()
+            for stage in range(1, spec.num_stages + 1):
+                for _ in range(self.layout.replicas):
+                    self.start_peer(stage)
+            trainer = spawn("trainer", self.train_command(), self.workdir / "trainer.log", stdout=subprocess.PIPE)
+            self.children.append(trainer)
+            _tee(trainer.process.stdout, trainer.log_path)
+            return trainer.process.wait()
+        except KeyboardInterrupt:
+            print("stopping the local swarm", flush=True)
+            return 130
+        finally:
+            stop_all(self.children)
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _tee(stream: IO[bytes], log_path: Path) -> None:
+    """Copy the trainer's output to our stdout and its log file, line by line."""
+    with open(log_path, "ab") as log:
+        for line in iter(stream.readline, b""):
+            log.write(line)
+            log.flush()
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

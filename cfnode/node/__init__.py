@@ -1,0 +1,1 @@
+"""Live roles: stage peer, trainer, routing and stage choice."""

@@ -1,0 +1,99 @@
+"""Starting a hivemind DHT for a cfnode process, with clear errors and no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import hivemind
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+class DHTStartError(RuntimeError):
+    """The DHT could not start or could not reach its initial peers."""
+
+
+class _OwnedDHT(hivemind.DHT):
+    """A DHT whose child process (and its p2p daemon) dies when the process that started it dies.
+
+    hivemind runs the DHT in a child process that starts a p2pd daemon. If the parent is SIGKILLed, both
+    would linger as orphans; a watchdog thread in the child notices the re-parenting and takes them down.
+    """
+
+    def run(self) -> None:
+        parent = os.getppid()
+
+        def watch_parent() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            _kill_children()
+            os._exit(1)
+
+        threading.Thread(target=watch_parent, name="cfnode-parent-watch", daemon=True).start()
+        super().run()
+
+
+def _kill_children() -> None:
+    for children_file in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids = children_file.read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    port: int = 0,
+    identity_path: str | None = None,
+    client_mode: bool = False,
+    announce_maddrs: Sequence[str] = (),
+    timeout: float = 30.0,
+) -> hivemind.DHT:
+    """Start a DHT and join the swarm through `initial_peers`; raise DHTStartError within `timeout`."""
+    kwargs: dict = dict(
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"] if ":" not in host else [f"/ip6/{host}/tcp/{port}"],
+        client_mode=client_mode,
+        startup_timeout=timeout,
+    )
+    if identity_path is not None:
+        kwargs["identity_path"] = str(identity_path)
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    for maddr in initial_peers:
+        if "/p2p/" not in maddr:
+            raise DHTStartError(f"initial peer {maddr!r} must be a full multiaddr ending in /p2p/<peer id>")
+    dht = _OwnedDHT(initial_peers=list(initial_peers) or None, start=False, **kwargs)
+    try:
+        dht.run_in_background(await_ready=True, timeout=timeout)
+    except TimeoutError:
+        _terminate(dht)
+        raise DHTStartError(f"no answer from initial peers {', '.join(initial_peers)} within {timeout:.0f} s") from None
+    except P2PDaemonError as e:
+        _terminate(dht)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if initial_peers and "bootstrap" in reason:
+            raise DHTStartError(f"cannot reach initial peers {', '.join(initial_peers)}: {reason}") from None
+        raise DHTStartError(f"cannot start the p2p daemon: {reason}") from None
+    except Exception as e:
+        _terminate(dht)
+        raise DHTStartError(f"cannot start the DHT: {type(e).__name__}: {e}") from None
+    return dht
+
+
+def _terminate(dht: hivemind.DHT) -> None:
+    if dht.is_alive():
+        dht.terminate()
+        dht.join(5)

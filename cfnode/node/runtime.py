@@ -1,0 +1,55 @@
+"""What every cfnode process does around its role: the event loop, the DHT and p2p, and clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import hivemind
+import uvloop
+from hivemind.p2p import P2P
+from hivemind.utils.logging import get_logger
+
+from cfnode.config import NetworkConfig
+from cfnode.node.dht import start_dht
+
+logger = get_logger(__name__)
+T = TypeVar("T")
+
+
+def run_role(main: Callable[[], Awaitable[T]]) -> T:
+    """Run a role's coroutine on uvloop; SIGINT and SIGTERM cancel it so its cleanup runs."""
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        return await main()
+
+    return uvloop.run(guarded())
+
+
+@contextlib.asynccontextmanager
+async def connect(network: NetworkConfig) -> AsyncIterator[tuple[hivemind.DHT, P2P]]:
+    """Start the DHT (in its child process) and a p2p handle in this process; shut both down on exit."""
+    dht = await asyncio.get_running_loop().run_in_executor(None, lambda: start_dht(
+        initial_peers=network.initial_peers, host=network.host, port=network.port,
+        identity_path=network.identity_path, client_mode=network.client_mode,
+        announce_maddrs=network.announce_maddrs, timeout=network.connect_timeout,
+    ))
+    p2p = None
+    try:
+        p2p = await dht.replicate_p2p()
+        yield dht, p2p
+    finally:
+        if p2p is not None:
+            with contextlib.suppress(Exception):
+                await p2p.shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, dht.shutdown)
+
+
+async def wait_forever() -> None:
+    await asyncio.Event().wait()

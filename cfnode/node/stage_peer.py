@@ -1,0 +1,324 @@
+"""A stage peer: serves one body stage's forward, backward and step over RPC and announces itself on the DHT.
+
+Compute runs on one worker thread, so the event loop keeps answering (info, state downloads, gradient
+fetches) while a forward is busy, and requests from several microbatches queue up in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import hivemind
+import torch
+from hivemind.utils import get_dht_time
+from hivemind.utils.logging import get_logger
+
+from cfnode.config import JoinConfig, RunSpec
+from cfnode.model import build_body_stage
+from cfnode.node.stage_choice import choose_stage
+from cfnode.node.stage_state import flat_grads, load_snapshot, make_optimizer, snapshot
+from cfnode.node.swarm_map import StageMap, online, read_stage_map, swarm_step
+from cfnode.protocol.keys import stage_key
+from cfnode.protocol.messages import (
+    BAD_REQUEST,
+    GROUP_FAILED,
+    NOT_READY,
+    STALE,
+    BackwardRequest,
+    ForwardRequest,
+    ProtocolError,
+    StageRequest,
+    StateSnapshot,
+    StepReply,
+    StepRequest,
+)
+from cfnode.protocol.records import PeerState, StageAnnouncement
+from cfnode.protocol.service import RequestRefused, StageClient
+from cfnode.protocol.validation import validate_hidden
+
+logger = get_logger(__name__)
+T = TypeVar("T")
+
+
+class ThroughputMeter:
+    """Tokens per second of compute time, smoothed: the peer's capacity, for stage choice and routing."""
+
+    def __init__(self, smoothing: float = 0.9):
+        self.smoothing = smoothing
+        self.value = 0.0
+
+    def record(self, tokens: int, seconds: float) -> None:
+        rate = tokens / max(seconds, 1e-6)
+        self.value = rate if self.value == 0 else self.smoothing * self.value + (1 - self.smoothing) * rate
+
+
+class StagePeer:
+    """One replica of body stage `stage`: the StageBackend behind StageService."""
+
+    def __init__(self, spec: RunSpec, stage: int, peer_id: str, dht: hivemind.DHT, client: StageClient,
+                 device: str = "cpu", request_timeout: float = 30.0):
+        self.spec, self.stage, self.peer_id = spec, stage, peer_id
+        self.dht, self.client = dht, client
+        self.device = torch.device(device)
+        self.request_timeout = request_timeout
+        self.max_request_bytes = spec.max_message_bytes
+        self.model = build_body_stage(spec, stage).to(self.device)
+        self.optimizer = make_optimizer(self.model, spec)
+        self.current_step = 0
+        self.grad_norm: float | None = None
+        self.source = "fresh"
+        self.recovered_from: list[str] = []
+        self.state = PeerState.JOINING
+        self.throughput = ThroughputMeter()
+        self.load = 0
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"stage{stage}-compute")
+        self._state_lock = asyncio.Lock()  # held while the weights change (step, state load)
+        self._input_grads: dict[int, torch.Tensor] = {}  # microbatch -> input grad, this step: retries are idempotent
+        self._grads_cache: tuple[int, list[torch.Tensor]] | None = None  # (step, summed-over-microbatches grads)
+        self._resync_task: asyncio.Task | None = None
+        self._last_applied: int | None = None  # the step last applied, so a retried step call is idempotent
+
+    # --- obtaining weights -------------------------------------------------------------------------------
+
+    async def obtain_weights(self, stage_map: StageMap) -> None:
+        """Copy a live replica exactly if there is one; otherwise start from the run spec's seed."""
+        replicas = [p for p in online(stage_map.get(self.stage, [])) if p.peer_id != self.peer_id]
+        random.shuffle(replicas)
+        for replica in sorted(replicas, key=lambda p: -p.step):
+            try:
+                started = time.perf_counter()
+                state = await self.client.download_state(replica.peer_id, self.stage, self.request_timeout * 4)
+                await self._load(state)
+            except Exception as e:
+                logger.warning(f"stage {self.stage}: state download from {replica.peer_id} failed: {e}")
+                continue
+            self.source, self.recovered_from = "replica", [f"{self.stage}:{replica.peer_id}"]
+            logger.info(f"stage {self.stage}: copied step {self.current_step} from replica {replica.peer_id} "
+                        f"in {time.perf_counter() - started:.2f} s")
+            return
+        self.source, self.recovered_from = "fresh", []
+        # A stage rebuilt into a swarm that has trained continues at the swarm's step.
+        self.current_step = swarm_step(stage_map)
+
+    async def _load(self, state: StateSnapshot) -> None:
+        if state.stage != self.stage:
+            raise ProtocolError(f"asked for stage {self.stage}, received stage {state.stage}")
+        async with self._state_lock:
+            await self._compute(load_snapshot, state, self.model, self.optimizer)
+            self.current_step, self.grad_norm = state.step, state.grad_norm
+            self._reset_step_buffers()
+
+    # --- StageBackend ------------------------------------------------------------------------------------
+
+    async def forward(self, request: ForwardRequest) -> torch.Tensor:
+        hidden = self._check(request.stage, request.step, request.hidden, "hidden")
+        return await self._timed(hidden.shape[0] * hidden.shape[1], self._forward, hidden)
+
+    async def backward(self, request: BackwardRequest) -> torch.Tensor:
+        hidden = self._check(request.stage, request.step, request.hidden, "hidden")
+        grad_output = validate_hidden(request.grad_output, self.spec, "grad_output")
+        if grad_output.shape != hidden.shape:
+            raise RequestRefused(BAD_REQUEST, f"grad_output shape {tuple(grad_output.shape)} differs from hidden "
+                                              f"shape {tuple(hidden.shape)}")
+        if request.microbatch in self._input_grads:  # a retry of a backward already accumulated
+            return self._input_grads[request.microbatch]
+        tokens = hidden.shape[0] * hidden.shape[1]
+        grad_input = await self._timed(2 * tokens, self._backward, hidden, grad_output)
+        self._input_grads[request.microbatch] = grad_input
+        self._grads_cache = None
+        return grad_input
+
+    async def step(self, request: StepRequest) -> StepReply:
+        self._check_stage(request.stage)
+        if self.peer_id not in request.group:
+            raise RequestRefused(BAD_REQUEST, "this peer is not in the step group")
+        async with self._state_lock:
+            if self._last_applied == request.step:
+                return StepReply(self.current_step, self.grad_norm or 0.0)  # already applied: the caller retried
+            self._check_step(request.step)
+            own = await self._own_grads(request.step)
+            others = [p for p in sorted(request.group) if p != self.peer_id]
+            results = await asyncio.gather(
+                *[self.client.fetch_grads(p, self.stage, request.step, self.request_timeout) for p in others],
+                return_exceptions=True,
+            )
+            failed = [p for p, r in zip(others, results) if isinstance(r, BaseException)]
+            if failed:
+                raise RequestRefused(GROUP_FAILED, f"could not fetch gradients from {', '.join(failed)}", failed)
+            by_peer = dict(zip(others, results))
+            by_peer[self.peer_id] = own
+            for peer, grads in by_peer.items():
+                if len(grads) != len(own) or any(g.shape != o.shape for g, o in zip(grads, own)):
+                    raise RequestRefused(GROUP_FAILED, f"gradients from {peer} do not match this stage", [peer])
+            # Every replica sums in the same (sorted) order, so all of them apply bitwise-identical updates.
+            ordered = [by_peer[p] for p in sorted(request.group)]
+            self.grad_norm = await self._compute(self._apply, ordered)
+            self._last_applied = request.step
+            self.current_step += 1
+            self._input_grads.clear()
+            # Keep this step's own gradients: a slower replica of the group may still fetch them.
+            self._grads_cache = (request.step, own)
+        asyncio.create_task(self.announce())  # status and the trainer see the new step promptly
+        return StepReply(self.current_step, self.grad_norm)
+
+    async def info(self) -> dict:
+        return self.announcement().to_wire()
+
+    async def state(self, request: StageRequest) -> StateSnapshot:
+        self._check_stage(request.stage)
+        if self.state != PeerState.ONLINE:
+            raise RequestRefused(NOT_READY, f"peer is {self.state.value}")
+        async with self._state_lock:
+            return await self._compute(snapshot, self.stage, self.current_step, self.grad_norm, self.model,
+                                       self.optimizer)
+
+    async def grads(self, request: StageRequest) -> list[torch.Tensor]:
+        self._check_stage(request.stage)
+        if self._grads_cache is not None and self._grads_cache[0] == request.step:
+            return self._grads_cache[1]
+        self._check_step(request.step)
+        return await self._own_grads(request.step)
+
+    # --- helpers -----------------------------------------------------------------------------------------
+
+    def _check_stage(self, stage: int) -> None:
+        if stage != self.stage:
+            raise RequestRefused(BAD_REQUEST, f"this peer serves stage {self.stage}, not stage {stage}")
+
+    def _check_step(self, step: int) -> None:
+        if step != self.current_step:
+            if step > self.current_step:
+                self._start_resync(step)
+            raise RequestRefused(STALE, f"peer is at step {self.current_step}, request is for step {step}")
+
+    def _check(self, stage: int, step: int, hidden: torch.Tensor, name: str) -> torch.Tensor:
+        self._check_stage(stage)
+        if self.state != PeerState.ONLINE:
+            raise RequestRefused(NOT_READY, f"peer is {self.state.value}")
+        try:
+            checked = validate_hidden(hidden, self.spec, name)
+        except ProtocolError as e:
+            raise RequestRefused(BAD_REQUEST, str(e)) from None
+        self._check_step(step)
+        return checked
+
+    async def _own_grads(self, step: int) -> list[torch.Tensor]:
+        if self._grads_cache is None or self._grads_cache[0] != step:
+            self._grads_cache = (step, await self._compute(flat_grads, self.model))
+        return self._grads_cache[1]
+
+    def _reset_step_buffers(self) -> None:
+        self._input_grads.clear()
+        self._grads_cache = None
+
+    async def _compute(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def _timed(self, tokens: int, fn: Callable[..., T], *args) -> T:
+        self.load += 1
+        try:
+            started = time.perf_counter()
+            result = await self._compute(fn, *args)
+            self.throughput.record(tokens, time.perf_counter() - started)
+            return result
+        finally:
+            self.load -= 1
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(hidden.to(self.device)).cpu()
+
+    def _backward(self, hidden: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+        # Recompute the forward: the peer keeps no activations between calls, so a retry can go to any replica.
+        hidden = hidden.to(self.device).requires_grad_(True)
+        output = self.model(hidden)
+        output.backward(grad_output.to(self.device))
+        return hidden.grad.cpu()
+
+    def _apply(self, ordered_grads: list[list[torch.Tensor]]) -> float:
+        params = list(self.model.parameters())
+        for index, param in enumerate(params):
+            total = torch.zeros_like(param)
+            for grads in ordered_grads:
+                total += grads[index].to(self.device)
+            param.grad = total
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.spec.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # --- resynchronisation ---------------------------------------------------------------------------------
+
+    def _start_resync(self, target_step: int) -> None:
+        if self._resync_task is None or self._resync_task.done():
+            self._resync_task = asyncio.create_task(self._resync(target_step))
+
+    async def _resync(self, target_step: int) -> None:
+        """This replica fell behind (it missed a step); copy a replica that is at the swarm's step."""
+        logger.warning(f"stage {self.stage}: at step {self.current_step} but the swarm is at step {target_step}; "
+                       "resyncing")
+        stage_map = await read_stage_map(self.dht, self.spec)
+        replicas = [p for p in online(stage_map.get(self.stage, []))
+                    if p.peer_id != self.peer_id and p.step >= target_step]
+        self.state = PeerState.JOINING
+        await self.announce()
+        try:
+            if replicas:
+                await self.obtain_weights({self.stage: replicas})
+            else:
+                # No replica holds the newer weights: this copy is the best the swarm has; carry on from it.
+                logger.warning(f"stage {self.stage}: no replica at step {target_step}; continuing from own weights")
+                async with self._state_lock:
+                    self.current_step = target_step
+                    self._reset_step_buffers()
+        finally:
+            self.state = PeerState.ONLINE
+            await self.announce()
+
+    # --- announcing ----------------------------------------------------------------------------------------
+
+    def announcement(self) -> StageAnnouncement:
+        return StageAnnouncement(
+            peer_id=self.peer_id, stage=self.stage, state=self.state, step=self.current_step,
+            throughput=round(self.throughput.value, 3), load=self.load, grad_norm=self.grad_norm,
+            source=self.source, recovered_from=list(self.recovered_from), announced_at=round(get_dht_time(), 3),
+        )
+
+    async def announce(self) -> None:
+        record = self.announcement().to_wire()
+        expiration = get_dht_time() + self.spec.announce_ttl
+        ok = await self.dht.store(stage_key(self.spec.run_id, self.stage), record, expiration,
+                                  subkey=self.peer_id, return_future=True)
+        if not ok:
+            logger.warning(f"stage {self.stage}: announcement was not stored")
+
+    async def announce_forever(self) -> None:
+        """Refresh the announcement well within its TTL, so a live peer never drops off the map."""
+        while True:
+            try:
+                await self.announce()
+            except Exception as e:  # the DHT may hiccup; the next round retries
+                logger.warning(f"stage {self.stage}: announcing failed: {e}")
+            await asyncio.sleep(self.spec.announce_ttl / 4)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec) -> tuple[int, StageMap]:
+    """The stage to serve: the one asked for, or the automatic choice after a short random delay.
+
+    The delay spreads newcomers that start together, so they see each other's JOINING records.
+    """
+    if config.stage is not None:
+        if not 1 <= config.stage <= spec.num_stages:
+            raise ValueError(f"stage {config.stage} does not exist: this run has stages 1..{spec.num_stages}")
+        return config.stage, await read_stage_map(dht, spec)
+    await asyncio.sleep(random.uniform(0, 1.0))
+    stage_map = await read_stage_map(dht, spec)
+    return choose_stage(stage_map, spec.num_stages), stage_map

@@ -1,0 +1,74 @@
+"""A stage's training state (weights, optimiser, step) and its exact transfer between replicas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cfnode.config import RunSpec
+from cfnode.model import BodyStage
+from cfnode.protocol.messages import ProtocolError, StateSnapshot
+
+
+def make_optimizer(model: torch.nn.Module, spec: RunSpec, lr: float | None = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=spec.lr if lr is None else lr, weight_decay=spec.weight_decay,
+                             betas=(0.9, 0.95))
+
+
+def snapshot(stage: int, step: int, grad_norm: float | None, model: BodyStage,
+             optimizer: torch.optim.Optimizer) -> StateSnapshot:
+    """A copy of everything a replica needs to continue exactly where this one is."""
+    names, tensors = [], []
+    for name, tensor in model.state_dict().items():
+        names.append(f"model.{name}")
+        tensors.append(tensor.detach().to("cpu", copy=True))
+    optim_state = optimizer.state_dict()
+    for index, per_param in optim_state["state"].items():
+        for key, value in per_param.items():
+            names.append(f"optim.{index}.{key}")
+            tensors.append(torch.as_tensor(value).detach().to("cpu", copy=True))
+    groups = [_plain(group) for group in optim_state["param_groups"]]
+    return StateSnapshot(stage, step, grad_norm, names, tensors, groups)
+
+
+def load_snapshot(state: StateSnapshot, model: BodyStage, optimizer: torch.optim.Optimizer) -> None:
+    """Load a replica's state; refuses a snapshot whose tensors do not match this stage's shapes."""
+    model_state: dict[str, torch.Tensor] = {}
+    optim_state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in zip(state.names, state.tensors):
+        kind, _, rest = name.partition(".")
+        if kind == "model":
+            model_state[rest] = tensor
+        elif kind == "optim":
+            index, _, key = rest.partition(".")
+            if not index.isdigit() or not key:
+                raise ProtocolError(f"bad optimiser entry {name!r}")
+            optim_state.setdefault(int(index), {})[key] = tensor
+        else:
+            raise ProtocolError(f"unknown state entry {name!r}")
+    expected = model.state_dict()
+    if set(model_state) != set(expected):
+        raise ProtocolError("state download does not hold this stage's parameters")
+    for name, tensor in model_state.items():
+        if tensor.shape != expected[name].shape:
+            raise ProtocolError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict({"state": optim_state, "param_groups": state.param_groups})
+
+
+def flat_grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The accumulated gradient of every parameter, zeros where none has arrived yet, on the CPU."""
+    return [p.grad.detach().to("cpu", copy=True) if p.grad is not None else torch.zeros_like(p, device="cpu")
+            for p in model.parameters()]
+
+
+def _plain(value: Any) -> Any:
+    """Optimiser param groups as msgpack-friendly values (tuples become lists)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value

@@ -1,0 +1,76 @@
+"""Reading the run spec and the live stage map from the DHT."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import hivemind
+from hivemind.utils import get_dht_time
+from hivemind.utils.logging import get_logger
+
+from cfnode.config import RunSpec
+from cfnode.protocol.keys import spec_key, stage_key
+from cfnode.protocol.records import PeerState, RecordError, StageAnnouncement, spec_from_wire
+
+logger = get_logger(__name__)
+
+StageMap = dict[int, list[StageAnnouncement]]
+
+
+class SpecNotFound(RuntimeError):
+    pass
+
+
+async def read_spec(dht: hivemind.DHT, run_id: str, timeout: float) -> RunSpec:
+    """The run spec the bootstrap published; waits for it up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        found = await dht.get(spec_key(run_id), latest=True, return_future=True)
+        if found is not None:
+            try:
+                return spec_from_wire(found.value)
+            except RecordError as e:
+                logger.warning(f"ignoring a malformed run spec record: {e}")
+        if time.monotonic() + delay > deadline:
+            raise SpecNotFound(
+                f"no run spec for run {run_id!r} on the DHT after {timeout:.0f} s: is the bootstrap for this run up?"
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+async def read_stage_map(dht: hivemind.DHT, spec: RunSpec) -> StageMap:
+    """Every valid, unexpired announcement of every body stage, keyed by stage number."""
+    futures = [dht.get(stage_key(spec.run_id, s), latest=True, return_future=True)
+               for s in range(1, spec.num_stages + 1)]
+    results = await asyncio.gather(*futures)
+    now = get_dht_time()
+    stage_map: StageMap = {}
+    for stage, found in zip(range(1, spec.num_stages + 1), results):
+        peers = []
+        if found is not None and isinstance(found.value, dict):
+            for subkey, entry in found.value.items():
+                if entry.expiration_time < now:
+                    continue
+                try:
+                    record = StageAnnouncement.from_wire(entry.value)
+                except RecordError as e:
+                    logger.debug(f"skipping a malformed announcement for stage {stage}: {e}")
+                    continue
+                if record.stage != stage or record.peer_id != subkey:
+                    logger.debug(f"skipping an announcement filed under the wrong key: {subkey}")
+                    continue
+                peers.append(record)
+        stage_map[stage] = sorted(peers, key=lambda r: r.peer_id)
+    return stage_map
+
+
+def online(peers: list[StageAnnouncement]) -> list[StageAnnouncement]:
+    return [p for p in peers if p.state == PeerState.ONLINE]
+
+
+def swarm_step(stage_map: StageMap) -> int:
+    """The step the swarm is at: the highest step any online peer reports."""
+    return max((p.step for peers in stage_map.values() for p in online(peers)), default=0)

@@ -1,0 +1,353 @@
+"""`cfnode train`: drives microbatches through the body stages and back, steps every stage, logs the run.
+
+The trainer holds the token embedding, final norm and LM head (the paper's stage 0). For each step it
+runs all microbatches concurrently, so different stages work on different microbatches at once; each
+call goes to the least loaded usable replica of its stage, and a failed call moves to another one.
+The inputs and output gradients sent to each stage are kept until the step is applied, so a replica
+that dies before the step can have its share of the gradient replayed on a survivor: no microbatch is
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import hivemind
+import torch
+from hivemind.p2p import P2P
+from hivemind.utils.logging import get_logger
+
+from cfnode.config import RunSpec, TrainConfig
+from cfnode.data import TextDataset, load_corpus
+from cfnode.model import build_head
+from cfnode.node.events import EventLog
+from cfnode.node.routing import Backoff, Router, StageUnavailable
+from cfnode.node.swarm_map import swarm_step
+from cfnode.protocol.messages import (
+    BAD_REQUEST,
+    GROUP_FAILED,
+    NOT_READY,
+    STALE,
+    BackwardRequest,
+    ForwardRequest,
+    ProtocolError,
+    RemoteError,
+    StepReply,
+    StepRequest,
+)
+from cfnode.protocol.service import StageClient
+from cfnode.protocol.validation import validate_hidden
+
+logger = get_logger(__name__)
+T = TypeVar("T")
+
+REFUSAL_BAN_SECONDS = 1.0  # a stale or joining peer is usable again once it has caught up
+
+
+class TrainerError(RuntimeError):
+    pass
+
+
+@dataclass
+class SentBackward:
+    """A backward call that a stage accepted this step: enough to replay it on another replica."""
+
+    peer: str
+    hidden: torch.Tensor
+    grad_output: torch.Tensor
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, spec: RunSpec, dht: hivemind.DHT, p2p: P2P, dataset: TextDataset):
+        self.config, self.spec = config, spec
+        self.dataset = dataset
+        self.device = torch.device(config.device)
+        self.head = build_head(spec).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
+                                           betas=(0.9, 0.95))
+        self.router = Router(dht, spec, config.ban_seconds)
+        self.client = StageClient(p2p, spec.max_message_bytes)
+        self.events = EventLog(config.log_jsonl)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.grad_norms: dict[int, float] = {}
+        self._sent: dict[int, dict[int, SentBackward]] = {}  # stage -> microbatch -> accepted backward
+        self._known_step: dict[str, int] = {}  # peer -> step it confirmed (fresher than its announcement)
+        self._lost_since: dict[int, float] = {}  # stage -> when it was found without a usable peer
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="trainer-compute")
+
+    # --- the run -------------------------------------------------------------------------------------------
+
+    async def run(self) -> dict:
+        refresher = asyncio.create_task(self.router.refresh_forever())
+        try:
+            await self._wait_for_all_stages()
+            self.step = swarm_step(self.router.stage_map)
+            first_step, last_loss, val_loss = self.step, float("nan"), None
+            logger.info(f"training steps {self.step}..{self.step + self.config.steps - 1} over "
+                        f"{self.spec.num_stages} stages; {self.dataset.train_tokens:,} training tokens")
+            self.events.emit("train_started", step=self.step, steps=self.config.steps,
+                             num_stages=self.spec.num_stages)
+            while self.step < first_step + self.config.steps:
+                started = time.perf_counter()
+                last_loss = await self.train_step()
+                elapsed = time.perf_counter() - started
+                tokens = self.config.batch_size * self.spec.seq_len
+                done = self.step - first_step
+                record = dict(step=self.step, loss=round(last_loss, 5), tokens=tokens,
+                              step_time=round(elapsed, 4), tokens_per_s=round(tokens / elapsed, 1),
+                              grad_norms={str(s): round(n, 5) for s, n in self.grad_norms.items()})
+                val_text = ""
+                if (self.config.eval_every and done % self.config.eval_every == 0) or done == self.config.steps:
+                    val_loss = await self.evaluate()
+                    record["val_loss"] = round(val_loss, 5)
+                    val_text = f" | val loss {val_loss:.4f}"
+                self.events.emit("step", **record)
+                logger.info(f"step {done}/{self.config.steps} (swarm step {self.step}) | loss {last_loss:.4f} | "
+                            f"{tokens / elapsed:,.0f} tok/s{val_text}")
+            summary = dict(final_step=self.step, loss=last_loss, val_loss=val_loss, events=dict(self.events.counts))
+            self.events.emit("train_finished", **{k: v for k, v in summary.items() if k != "events"})
+            return summary
+        finally:
+            refresher.cancel()
+            self.events.close()
+            self._worker.shutdown(wait=False, cancel_futures=True)
+
+    async def train_step(self) -> float:
+        inputs, targets = self.dataset.sample_batch(self.config.batch_size, self.generator)
+        self._sent = {s: {} for s in range(1, self.spec.num_stages + 1)}
+        chunks = zip(inputs.chunk(self.config.microbatches), targets.chunk(self.config.microbatches))
+        losses = await asyncio.gather(*[self._microbatch(i, x, y) for i, (x, y) in enumerate(chunks)])
+        await asyncio.gather(*[self._step_stage(s) for s in range(1, self.spec.num_stages + 1)])
+        await self._compute(self._step_head)
+        self.step += 1
+        return sum(losses) / len(losses)
+
+    async def evaluate(self) -> float:
+        losses = []
+        for inputs, targets in self.dataset.val_batches(self.config.batch_size, self.config.eval_batches):
+            hidden = await self._compute(self._embed, inputs, False)
+            for stage in range(1, self.spec.num_stages + 1):
+                _, hidden = await self._forward(stage, 0, hidden)
+            losses.append(await self._compute(self._loss_only, hidden, targets))
+        return sum(losses) / len(losses)
+
+    # --- one microbatch ------------------------------------------------------------------------------------
+
+    async def _microbatch(self, index: int, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        embedded = await self._compute(self._embed, inputs, True)  # keeps its graph for the embedding's grad
+        hidden = embedded.detach()
+        stage_inputs = []
+        for stage in range(1, self.spec.num_stages + 1):
+            stage_inputs.append(hidden)
+            _, hidden = await self._forward(stage, index, hidden)
+        loss, grad = await self._compute(self._head_backward, hidden, targets)
+        for stage in range(self.spec.num_stages, 0, -1):
+            hidden_in = stage_inputs[stage - 1]
+            peer, grad_in = await self._backward(stage, index, hidden_in, grad)
+            self._sent[stage][index] = SentBackward(peer, hidden_in, grad)
+            grad = grad_in
+        await self._compute(lambda: embedded.backward(grad.to(self.device)))
+        return loss
+
+    async def _forward(self, stage: int, microbatch: int, hidden: torch.Tensor) -> tuple[str, torch.Tensor]:
+        request = ForwardRequest(stage, self.step, microbatch, hidden)
+
+        async def call(peer: str) -> torch.Tensor:
+            output = await self.client.forward(peer, request, self.config.request_timeout)
+            return self._check_reply(output, hidden.shape, "output", stage)
+
+        return await self._call(stage, "forward", call)
+
+    async def _backward(self, stage: int, microbatch: int, hidden: torch.Tensor,
+                        grad_output: torch.Tensor) -> tuple[str, torch.Tensor]:
+        request = BackwardRequest(stage, self.step, microbatch, hidden, grad_output)
+
+        async def call(peer: str) -> torch.Tensor:
+            grad_input = await self.client.backward(peer, request, self.config.request_timeout)
+            return self._check_reply(grad_input, hidden.shape, "input gradient", stage)
+
+        return await self._call(stage, "backward", call)
+
+    def _check_reply(self, tensor: torch.Tensor, shape: torch.Size, what: str, stage: int) -> torch.Tensor:
+        """A reply with the wrong shape or NaN / Inf is a failure of that peer: the call moves to another."""
+        checked = validate_hidden(tensor, self.spec, f"stage {stage} {what}")
+        if checked.shape != shape:
+            raise ProtocolError(f"stage {stage} {what} has shape {tuple(checked.shape)}, expected {tuple(shape)}")
+        return checked
+
+    # --- stepping ------------------------------------------------------------------------------------------
+
+    async def _step_stage(self, stage: int) -> None:
+        """Apply this step's gradients on every replica of a stage, replaying any lost replica's share."""
+        backoff = Backoff(0.1, 2.0)
+        while True:
+            sent = self._sent[stage]
+            group = self._step_group(stage)
+            orphaned = sorted(mb for mb, record in sent.items() if record.peer not in group)
+            if orphaned:
+                await self._replay(stage, orphaned)
+                continue
+            if not group:  # every replica is behind this step; they resync when called
+                await self._replay(stage, [])
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            request = StepRequest(stage, self.step, sorted(group))
+            replies = await asyncio.gather(
+                *[self.client.step(p, request, self.config.request_timeout) for p in request.group],
+                return_exceptions=True,
+            )
+            applied = {p: r for p, r in zip(request.group, replies) if isinstance(r, StepReply)}
+            for peer, reply in zip(request.group, replies):
+                if isinstance(reply, StepReply):
+                    self._known_step[peer] = reply.step
+                elif isinstance(reply, RemoteError) and reply.code == GROUP_FAILED:
+                    for failed in reply.peers:
+                        self._peer_failed(stage, failed, f"unreachable during the step: {reply.message}")
+                else:
+                    self._peer_failed(stage, peer, f"step failed: {_describe(reply)}")
+            if applied:
+                # Replicas that did not apply are now behind; their next request finds them stale and they resync.
+                self.grad_norms[stage] = next(iter(applied.values())).grad_norm
+                return
+            await asyncio.sleep(backoff.next_delay())
+
+    def _step_group(self, stage: int) -> set[str]:
+        """Replicas known to be at this step: the ones that worked on it, and usable ones announcing it."""
+        group = {record.peer for record in self._sent[stage].values() if not self.router.is_banned(record.peer)}
+        for peer in self.router.usable(stage):
+            if max(peer.step, self._known_step.get(peer.peer_id, 0)) == self.step:
+                group.add(peer.peer_id)
+        return group
+
+    async def _replay(self, stage: int, microbatches: list[int]) -> None:
+        """Resend accepted backward calls whose replica is gone, so their gradients reach a survivor."""
+        if not microbatches:
+            await self._call(stage, "wait", lambda p: asyncio.sleep(0))  # waits until the stage has a peer
+            return
+        for mb in microbatches:
+            record = self._sent[stage][mb]
+            peer, _ = await self._backward(stage, mb, record.hidden, record.grad_output)
+            self._sent[stage][mb] = SentBackward(peer, record.hidden, record.grad_output)
+            logger.info(f"stage {stage}: replayed microbatch {mb} on {peer}")
+
+    # --- calls with retries --------------------------------------------------------------------------------
+
+    async def _call(self, stage: int, what: str, fn: Callable[[str], Awaitable[T]]) -> tuple[str, T]:
+        """Run fn on a usable peer of the stage; on failure ban it and try another; wait while none is left."""
+        backoff = Backoff()
+        while True:
+            peer = self.router.pick(stage)
+            if peer is None:
+                await self.router.refresh(max_age=0.25)
+                peer = self.router.pick(stage)
+            if peer is None:
+                await self._wait_for_stage(stage, backoff)
+                continue
+            self._stage_available(stage)
+            self.router.started(peer)
+            try:
+                return peer, await fn(peer)
+            except RemoteError as e:
+                if e.code == BAD_REQUEST:
+                    raise TrainerError(f"stage {stage} peer {peer} refused a {what} request: {e.message}") from None
+                if e.code in (STALE, NOT_READY):
+                    self.router.ban(peer, REFUSAL_BAN_SECONDS)
+                    logger.debug(f"stage {stage} peer {peer} refused {what}: {e}")
+                else:
+                    self._peer_failed(stage, peer, f"{what}: {e}")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._peer_failed(stage, peer, f"{what}: {_describe(e)}")
+            finally:
+                self.router.finished(peer)
+
+    def _peer_failed(self, stage: int, peer: str, reason: str) -> None:
+        if not self.router.is_banned(peer):
+            self.events.emit("peer_failed", stage=stage, peer=peer, step=self.step, reason=reason)
+        self.router.ban(peer)
+
+    async def _wait_for_stage(self, stage: int, backoff: Backoff) -> None:
+        now = time.monotonic()
+        if stage not in self._lost_since:
+            self._lost_since[stage] = now
+            self.events.emit("stage_lost", stage=stage, step=self.step)
+            logger.warning(f"stage {stage} has no usable peer; waiting up to {self.config.stage_timeout:.0f} s "
+                           "for one to join")
+        if now - self._lost_since[stage] > self.config.stage_timeout:
+            raise StageUnavailable(f"stage {stage} had no usable peer for {self.config.stage_timeout:.0f} s")
+        await asyncio.sleep(backoff.next_delay())
+
+    def _stage_available(self, stage: int) -> None:
+        lost_since = self._lost_since.pop(stage, None)
+        if lost_since is not None:
+            sources = sorted({p.source for p in self.router.usable(stage)})
+            self.events.emit("stage_recovered", stage=stage, step=self.step, source=",".join(sources),
+                             downtime=round(time.monotonic() - lost_since, 3))
+
+    async def _wait_for_all_stages(self) -> None:
+        backoff = Backoff(0.5, 3.0)
+        deadline = time.monotonic() + self.config.stage_timeout
+        while True:
+            await self.router.refresh()
+            missing = [s for s in range(1, self.spec.num_stages + 1) if not self.router.usable(s)]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise StageUnavailable(f"stages {missing} have no online peer after {self.config.stage_timeout:.0f} s")
+            logger.info(f"waiting for stages {missing} to come online")
+            await asyncio.sleep(backoff.next_delay())
+
+    # --- local compute (one worker thread: the head's autograd is not shared between threads) --------------
+
+    async def _compute(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def _embed(self, tokens: torch.Tensor, with_grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(with_grad):
+            return self.head.embed(tokens.to(self.device))
+
+    def _head_backward(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+        hidden = hidden.to(self.device).requires_grad_(True)
+        loss = self.head.loss(hidden, targets.to(self.device))
+        (loss / self.config.microbatches).backward()
+        return float(loss), hidden.grad.cpu()
+
+    def _loss_only(self, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(self.head.loss(hidden.to(self.device), targets.to(self.device)))
+
+    def _step_head(self) -> None:
+        norm = torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.spec.grad_clip)
+        self.grad_norms[0] = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_dataset(config: TrainConfig, spec: RunSpec) -> TextDataset:
+    return TextDataset(load_corpus(config.data_path), spec.seq_len)
+
+
+async def run_train(config: TrainConfig) -> dict:
+    from cfnode.node.runtime import connect
+    from cfnode.node.swarm_map import read_spec
+
+    async with connect(config.network) as (dht, p2p):
+        spec = await read_spec(dht, config.network.run_id, config.network.connect_timeout)
+        dataset = load_dataset(config, spec)
+        summary = await Trainer(config, spec, dht, p2p, dataset).run()
+        if not math.isfinite(summary["loss"]):
+            raise TrainerError("training produced a non-finite loss")
+        return summary

@@ -1,0 +1,11 @@
+"""DHT keys of one run. Every key lives under the run id so several runs can share one DHT."""
+
+
+def spec_key(run_id: str) -> str:
+    """The run spec, written by the bootstrap."""
+    return f"{run_id}.spec"
+
+
+def stage_key(run_id: str, stage: int) -> str:
+    """One key per body stage; each peer of the stage writes its announcement under its own subkey."""
+    return f"{run_id}.stage.{stage}"

@@ -1,0 +1,284 @@
+"""RPC messages: typed dataclasses and their encoding into hivemind's ExpertRequest / ExpertResponse.
+
+A message is msgpack metadata plus tensors. Messages that carry tensors are streamed in chunks (on this
+daemon a stream is also faster than a unary call for activation-sized payloads); the first chunk
+carries the metadata. Replies carry either a result or an `error` with a code and a one-line reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import split_for_streaming
+
+CHUNK_BYTES = 2**16
+MAX_METADATA_BYTES = 2**20
+Message = TypeVar("Message", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
+
+
+class ProtocolError(ValueError):
+    """A request or reply that breaks the wire contract (bad metadata, too large, truncated, ...)."""
+
+
+class RemoteError(RuntimeError):
+    """The other side refused a request; `code` says why in one word."""
+
+    def __init__(self, code: str, message: str, peers: list[str] | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.peers = peers or []  # with GROUP_FAILED: the replicas that could not be reached
+
+
+# Error codes a peer replies with.
+BAD_REQUEST = "bad_request"  # malformed, wrong stage / shape / dtype, NaN or Inf, too large
+STALE = "stale"  # the peer's step differs from the caller's; it resynchronises
+NOT_READY = "not_ready"  # the peer is joining or leaving
+INTERNAL = "internal"  # an unexpected failure while handling a valid request
+GROUP_FAILED = "group_failed"  # a step could not gather the gradients of every replica; nothing was applied
+
+
+@dataclass
+class Envelope:
+    """The decoded form of any message: metadata and tensors."""
+
+    meta: dict[str, Any]
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+def pack_meta(meta: dict[str, Any]) -> bytes:
+    return msgpack.packb(meta, use_bin_type=True)
+
+
+def unpack_meta(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_METADATA_BYTES:
+        raise ProtocolError(f"metadata of {len(raw)} bytes exceeds {MAX_METADATA_BYTES}")
+    if not raw:
+        return {}
+    try:
+        meta = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable metadata: {type(e).__name__}") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"metadata must be a map, got {type(meta).__name__}")
+    return meta
+
+
+def to_chunks(envelope: Envelope, message_type: type[Message], half_precision: bool = False) -> Iterator[Message]:
+    """Encode an envelope as a stream: metadata in the first message, then the tensors' chunks in order."""
+    compression = runtime_pb2.CompressionType.FLOAT16 if half_precision else runtime_pb2.CompressionType.NONE
+    first = True
+    for tensor in envelope.tensors:
+        serialized = serialize_torch_tensor(tensor.detach(), compression)
+        for part in split_for_streaming(serialized, CHUNK_BYTES):
+            yield message_type(tensors=[part], metadata=pack_meta(envelope.meta) if first else b"")
+            first = False
+    if first:
+        yield message_type(metadata=pack_meta(envelope.meta))
+
+
+def to_message(envelope: Envelope, message_type: type[Message]) -> Message:
+    """Encode a small envelope as one unary message."""
+    return message_type(tensors=[serialize_torch_tensor(t.detach()) for t in envelope.tensors],
+                        metadata=pack_meta(envelope.meta))
+
+
+def from_message(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> Envelope:
+    meta = unpack_meta(message.metadata)
+    return Envelope(meta, [_deserialize(t) for t in message.tensors])
+
+
+async def from_chunks(stream: AsyncIterator[Message], max_bytes: int) -> Envelope:
+    """Decode a stream, refusing it as soon as its payload passes max_bytes (before any compute)."""
+    meta: dict[str, Any] | None = None
+    tensors: list[torch.Tensor] = []
+    pending: runtime_pb2.Tensor | None = None
+    pending_parts: list[bytes] = []
+    total = 0
+    async for message in stream:
+        if meta is None:
+            meta = unpack_meta(message.metadata)
+        for part in message.tensors:
+            total += len(part.buffer)
+            if total > max_bytes:
+                raise ProtocolError(f"payload exceeds the limit of {max_bytes} bytes")
+            if pending is None:
+                if part.chunks < 1 and not part.buffer and not part.size:
+                    raise ProtocolError("tensor chunk without a header")
+                pending, pending_parts = part, []
+            pending_parts.append(part.buffer)
+            if len(pending_parts) >= max(pending.chunks, 1):
+                tensors.append(_combine(pending, pending_parts))
+                pending = None
+    if meta is None:
+        raise ProtocolError("empty message stream")
+    if pending is not None:
+        raise ProtocolError(f"truncated tensor: {len(pending_parts)} of {pending.chunks} chunks")
+    return Envelope(meta, tensors)
+
+
+def _combine(header: runtime_pb2.Tensor, parts: Iterable[bytes]) -> torch.Tensor:
+    serialized = runtime_pb2.Tensor()
+    serialized.CopyFrom(header)
+    serialized.buffer = b"".join(parts)
+    return _deserialize(serialized)
+
+
+def _deserialize(serialized: runtime_pb2.Tensor) -> torch.Tensor:
+    try:
+        return deserialize_torch_tensor(serialized)
+    except Exception as e:  # wrong sizes, unknown dtypes, corrupt buffers
+        raise ProtocolError(f"undecodable tensor: {type(e).__name__}: {e}") from None
+
+
+def error_envelope(code: str, message: str, peers: list[str] | None = None) -> Envelope:
+    return Envelope({"error": {"code": code, "message": message[:500], "peers": peers or []}})
+
+
+def raise_for_error(envelope: Envelope) -> Envelope:
+    error = envelope.meta.get("error")
+    if error is not None:
+        if isinstance(error, dict):
+            peers = error.get("peers")
+            peers = [p for p in peers if isinstance(p, str)] if isinstance(peers, list) else []
+            raise RemoteError(str(error.get("code", INTERNAL)), str(error.get("message", "")), peers)
+        raise RemoteError(INTERNAL, str(error))
+    return envelope
+
+
+# --- Typed requests -----------------------------------------------------------------------------------------
+
+
+def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in meta:
+        raise ProtocolError(f"missing field {name!r}")
+    value = meta[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ProtocolError(f"field {name!r} has the wrong type {type(value).__name__}")
+    return value
+
+
+def _tensors(envelope: Envelope, count: int, what: str) -> list[torch.Tensor]:
+    if len(envelope.tensors) != count:
+        raise ProtocolError(f"{what} expects {count} tensor(s), got {len(envelope.tensors)}")
+    return envelope.tensors
+
+
+@dataclass
+class ForwardRequest:
+    stage: int
+    step: int  # the caller's optimiser step; a peer at another step refuses as STALE
+    microbatch: int
+    hidden: torch.Tensor  # (B, T, C) input of the stage
+
+    def envelope(self) -> Envelope:
+        return Envelope({"stage": self.stage, "step": self.step, "microbatch": self.microbatch}, [self.hidden])
+
+    @classmethod
+    def parse(cls, envelope: Envelope) -> ForwardRequest:
+        meta = envelope.meta
+        (hidden,) = _tensors(envelope, 1, "forward")
+        return cls(_field(meta, "stage", int), _field(meta, "step", int), _field(meta, "microbatch", int), hidden)
+
+
+@dataclass
+class BackwardRequest:
+    stage: int
+    step: int
+    microbatch: int
+    hidden: torch.Tensor  # (B, T, C) the same input the forward saw; the peer recomputes from it
+    grad_output: torch.Tensor  # (B, T, C) gradient of the loss w.r.t. the stage output
+
+    def envelope(self) -> Envelope:
+        meta = {"stage": self.stage, "step": self.step, "microbatch": self.microbatch}
+        return Envelope(meta, [self.hidden, self.grad_output])
+
+    @classmethod
+    def parse(cls, envelope: Envelope) -> BackwardRequest:
+        meta = envelope.meta
+        hidden, grad_output = _tensors(envelope, 2, "backward")
+        return cls(_field(meta, "stage", int), _field(meta, "step", int), _field(meta, "microbatch", int),
+                   hidden, grad_output)
+
+
+@dataclass
+class StepRequest:
+    """Apply the accumulated gradients of `step`, summed over every replica in `group` (sorted peer ids)."""
+
+    stage: int
+    step: int
+    group: list[str]
+
+    def envelope(self) -> Envelope:
+        return Envelope({"stage": self.stage, "step": self.step, "group": list(self.group)})
+
+    @classmethod
+    def parse(cls, envelope: Envelope) -> StepRequest:
+        meta = envelope.meta
+        group = _field(meta, "group", list)
+        if not group or not all(isinstance(p, str) for p in group) or len(group) > 1024:
+            raise ProtocolError("group must be a non-empty list of peer ids")
+        return cls(_field(meta, "stage", int), _field(meta, "step", int), group)
+
+
+@dataclass
+class StepReply:
+    step: int  # the step the peer is at now
+    grad_norm: float  # norm of the summed gradient before clipping
+
+    def envelope(self) -> Envelope:
+        return Envelope({"step": self.step, "grad_norm": self.grad_norm})
+
+    @classmethod
+    def parse(cls, envelope: Envelope) -> StepReply:
+        return cls(_field(envelope.meta, "step", int), float(_field(envelope.meta, "grad_norm", (int, float))))
+
+
+@dataclass
+class StageRequest:
+    """Requests that name only a stage and a step: info, state download, gradient fetch."""
+
+    stage: int
+    step: int = 0
+
+    def envelope(self) -> Envelope:
+        return Envelope({"stage": self.stage, "step": self.step})
+
+    @classmethod
+    def parse(cls, envelope: Envelope) -> StageRequest:
+        return cls(_field(envelope.meta, "stage", int), _field(envelope.meta, "step", int))
+
+
+@dataclass
+class StateSnapshot:
+    """A stage's full training state: weights, optimiser state and step, as sent to a joining replica."""
+
+    stage: int
+    step: int
+    grad_norm: float | None
+    names: list[str]  # one per tensor: "model.<param>" or "optim.<index>.<key>"
+    tensors: list[torch.Tensor]
+    param_groups: list[dict[str, Any]]
+
+    def envelope(self) -> Envelope:
+        meta = {"stage": self.stage, "step": self.step, "grad_norm": self.grad_norm, "names": self.names,
+                "param_groups": self.param_groups}
+        return Envelope(meta, self.tensors)
+
+    @classmethod
+    def parse(cls, envelope: Envelope) -> StateSnapshot:
+        meta = envelope.meta
+        names = _field(meta, "names", list)
+        if len(names) != len(envelope.tensors) or not all(isinstance(n, str) for n in names):
+            raise ProtocolError(f"state has {len(names)} names for {len(envelope.tensors)} tensors")
+        grad_norm = meta.get("grad_norm")
+        if grad_norm is not None and not isinstance(grad_norm, (int, float)):
+            raise ProtocolError("grad_norm must be a number or None")
+        return cls(_field(meta, "stage", int), _field(meta, "step", int), grad_norm, names, envelope.tensors,
+                   _field(meta, "param_groups", list))

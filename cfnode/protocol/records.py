@@ -1,0 +1,99 @@
+"""Typed DHT records. Readers validate every record and skip what does not parse."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from cfnode.config import ConfigError, RunSpec
+
+PROTOCOL_VERSION = 1
+
+
+class RecordError(ValueError):
+    """A DHT record that does not match its schema."""
+
+
+class PeerState(str, Enum):
+    JOINING = "JOINING"  # obtaining weights; not routable yet
+    ONLINE = "ONLINE"  # serving forward / backward / step
+    LEAVING = "LEAVING"  # clean shutdown in progress; not routable
+
+
+# Where a peer's weights came from: fresh init, an exact copy of a live replica, or a recovery kind.
+WEIGHT_SOURCES = ("fresh", "replica", "checkfree", "checkfree+", "uniform", "copy", "random")
+
+
+@dataclass(frozen=True)
+class StageAnnouncement:
+    """What a stage peer says about itself under `stage_key(run_id, stage)`, subkey = its peer id."""
+
+    peer_id: str
+    stage: int
+    state: PeerState
+    step: int  # optimiser steps this stage has taken
+    throughput: float  # tokens per second through forward + backward, recent average
+    load: int  # requests in flight now
+    grad_norm: float | None  # L2 norm of the stage gradient at its last step (before clipping)
+    source: str  # one of WEIGHT_SOURCES
+    recovered_from: list[str] = field(default_factory=list)  # "stage:peer_id" of the sources, if any
+    announced_at: float = 0.0  # DHT time of this announcement; its age tells how fresh it is
+    version: int = PROTOCOL_VERSION
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["state"] = self.state.value
+        return wire
+
+    @classmethod
+    def from_wire(cls, data: Any) -> StageAnnouncement:
+        if not isinstance(data, Mapping):
+            raise RecordError(f"announcement must be a mapping, got {type(data).__name__}")
+        # Unknown fields are ignored so newer peers can add some; missing ones are an error.
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        missing = names - set(values) - {"recovered_from", "announced_at", "version"}
+        if missing:
+            raise RecordError(f"announcement lacks {', '.join(sorted(missing))}")
+        try:
+            values["state"] = PeerState(values["state"])
+        except ValueError:
+            raise RecordError(f"unknown peer state {values['state']!r}") from None
+        record = cls(**values)
+        record._check()
+        return record
+
+    def _check(self) -> None:
+        if not isinstance(self.peer_id, str) or not self.peer_id:
+            raise RecordError("peer_id must be a non-empty string")
+        for name in ("stage", "step", "load", "version"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
+        if not _finite_non_negative(self.announced_at):
+            raise RecordError(f"announced_at must be a finite non-negative number, got {self.announced_at!r}")
+        if not _finite_non_negative(self.throughput):
+            raise RecordError(f"throughput must be a finite non-negative number, got {self.throughput!r}")
+        if self.grad_norm is not None and not _finite_non_negative(self.grad_norm):
+            raise RecordError(f"grad_norm must be a finite non-negative number or None, got {self.grad_norm!r}")
+        if self.source not in WEIGHT_SOURCES:
+            raise RecordError(f"unknown weight source {self.source!r}")
+        if not isinstance(self.recovered_from, list) or not all(isinstance(s, str) for s in self.recovered_from):
+            raise RecordError("recovered_from must be a list of strings")
+
+
+def _finite_non_negative(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def spec_from_wire(data: Any) -> RunSpec:
+    """The run spec record; a malformed one is a RecordError, never a crash."""
+    if not isinstance(data, Mapping):
+        raise RecordError(f"run spec must be a mapping, got {type(data).__name__}")
+    try:
+        return RunSpec.from_dict(data)
+    except (ConfigError, TypeError) as e:
+        raise RecordError(f"invalid run spec record: {e}") from None

@@ -1,0 +1,198 @@
+"""The stage peer's RPC surface (hivemind ServicerBase) and the client calls that match it.
+
+Handler names derive from this class's name, so peers and trainers share it. Every handler decodes and
+checks its request before handing it to the backend, and turns any refusal into an error reply: a bad
+request never reaches compute and never takes the peer down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+# hivemind recognises streaming RPCs by typing.AsyncIterator annotations, not collections.abc ones.
+from typing import AsyncIterator, Protocol  # noqa: UP035
+
+import torch
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils.logging import get_logger
+
+from cfnode.protocol.messages import (
+    BAD_REQUEST,
+    INTERNAL,
+    BackwardRequest,
+    Envelope,
+    ForwardRequest,
+    ProtocolError,
+    StageRequest,
+    StateSnapshot,
+    StepReply,
+    StepRequest,
+    error_envelope,
+    from_chunks,
+    from_message,
+    raise_for_error,
+    to_chunks,
+    to_message,
+)
+
+logger = get_logger(__name__)
+
+MAX_STATE_BYTES = 2**36  # weights and optimiser state of a stage; bounded by memory, not by policy
+
+Request = runtime_pb2.ExpertRequest
+Response = runtime_pb2.ExpertResponse
+
+
+class RequestRefused(Exception):
+    """Raised by a backend to refuse a request with an error code (see messages.py) and a reason."""
+
+    def __init__(self, code: str, message: str, peers: list[str] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.peers = peers
+
+
+class StageBackend(Protocol):
+    """What a stage peer implements; the service does the wire work around it."""
+
+    max_request_bytes: int
+
+    async def forward(self, request: ForwardRequest) -> torch.Tensor: ...
+
+    async def backward(self, request: BackwardRequest) -> torch.Tensor: ...
+
+    async def step(self, request: StepRequest) -> StepReply: ...
+
+    async def info(self) -> dict: ...
+
+    async def state(self, request: StageRequest) -> StateSnapshot: ...
+
+    async def grads(self, request: StageRequest) -> list[torch.Tensor]: ...
+
+
+class StageService(ServicerBase):
+    def __init__(self, backend: StageBackend):
+        self.backend = backend
+
+    async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        async def handle() -> Envelope:
+            request = ForwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
+            return Envelope({}, [await self.backend.forward(request)])
+
+        for message in to_chunks(await _guarded(handle, "forward"), Response):
+            yield message
+
+    async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        async def handle() -> Envelope:
+            request = BackwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
+            return Envelope({}, [await self.backend.backward(request)])
+
+        for message in to_chunks(await _guarded(handle, "backward"), Response):
+            yield message
+
+    async def rpc_step(self, request: Request, context: P2PContext) -> Response:
+        async def handle() -> Envelope:
+            return (await self.backend.step(StepRequest.parse(from_message(request)))).envelope()
+
+        return to_message(await _guarded(handle, "step"), Response)
+
+    async def rpc_info(self, request: Request, context: P2PContext) -> Response:
+        async def handle() -> Envelope:
+            return Envelope(await self.backend.info())
+
+        return to_message(await _guarded(handle, "info"), Response)
+
+    async def rpc_download_state(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
+        async def handle() -> Envelope:
+            return (await self.backend.state(StageRequest.parse(from_message(request)))).envelope()
+
+        for message in to_chunks(await _guarded(handle, "download_state"), Response):
+            yield message
+
+    async def rpc_fetch_grads(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
+        async def handle() -> Envelope:
+            parsed = StageRequest.parse(from_message(request))
+            return Envelope({"step": parsed.step}, await self.backend.grads(parsed))
+
+        for message in to_chunks(await _guarded(handle, "fetch_grads"), Response):
+            yield message
+
+
+async def _guarded(handle, name: str) -> Envelope:
+    try:
+        return await handle()
+    except ProtocolError as e:
+        return error_envelope(BAD_REQUEST, str(e))
+    except RequestRefused as e:
+        return error_envelope(e.code, str(e), e.peers)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        logger.exception(f"{name} failed")
+        return error_envelope(INTERNAL, f"{type(e).__name__}: {e}")
+
+
+class StageClient:
+    """Calls a stage peer's RPCs. Every call has a deadline; failures raise RemoteError or the transport's error."""
+
+    def __init__(self, p2p: P2P, max_reply_bytes: int):
+        self.p2p = p2p
+        self.max_reply_bytes = max_reply_bytes
+
+    def _stub(self, peer_id: str):
+        return StageService.get_stub(self.p2p, PeerID.from_base58(peer_id))
+
+    async def _stream(self, method: str, peer_id: str, envelope: Envelope, timeout: float,
+                      half_precision: bool = False) -> Envelope:
+        async def call() -> Envelope:
+            stub = self._stub(peer_id)
+            chunks = list(to_chunks(envelope, Request, half_precision))  # encode errors surface here, not mid-stream
+
+            async def requests() -> AsyncIterator[Request]:
+                for chunk in chunks:
+                    yield chunk
+
+            replies = await getattr(stub, method)(requests())
+            return raise_for_error(await from_chunks(replies, self.max_reply_bytes))
+
+        return await asyncio.wait_for(call(), timeout)
+
+    async def _server_stream(self, method: str, peer_id: str, envelope: Envelope, timeout: float) -> Envelope:
+        async def call() -> Envelope:
+            replies = await getattr(self._stub(peer_id), method)(to_message(envelope, Request))
+            return raise_for_error(await from_chunks(replies, MAX_STATE_BYTES))
+
+        return await asyncio.wait_for(call(), timeout)
+
+    async def _unary(self, method: str, peer_id: str, envelope: Envelope, timeout: float) -> Envelope:
+        reply = await getattr(self._stub(peer_id), method)(to_message(envelope, Request), timeout=timeout)
+        return raise_for_error(from_message(reply))
+
+    async def forward(self, peer_id: str, request: ForwardRequest, timeout: float) -> torch.Tensor:
+        reply = await self._stream("rpc_forward", peer_id, request.envelope(), timeout)
+        return _single_tensor(reply, "forward")
+
+    async def backward(self, peer_id: str, request: BackwardRequest, timeout: float) -> torch.Tensor:
+        reply = await self._stream("rpc_backward", peer_id, request.envelope(), timeout)
+        return _single_tensor(reply, "backward")
+
+    async def step(self, peer_id: str, request: StepRequest, timeout: float) -> StepReply:
+        return StepReply.parse(await self._unary("rpc_step", peer_id, request.envelope(), timeout))
+
+    async def info(self, peer_id: str, stage: int, timeout: float) -> dict:
+        return (await self._unary("rpc_info", peer_id, StageRequest(stage).envelope(), timeout)).meta
+
+    async def download_state(self, peer_id: str, stage: int, timeout: float) -> StateSnapshot:
+        envelope = StageRequest(stage).envelope()
+        return StateSnapshot.parse(await self._server_stream("rpc_download_state", peer_id, envelope, timeout))
+
+    async def fetch_grads(self, peer_id: str, stage: int, step: int, timeout: float) -> list[torch.Tensor]:
+        envelope = StageRequest(stage, step).envelope()
+        return (await self._server_stream("rpc_fetch_grads", peer_id, envelope, timeout)).tensors
+
+
+def _single_tensor(envelope: Envelope, what: str) -> torch.Tensor:
+    if len(envelope.tensors) != 1:
+        raise ProtocolError(f"{what} reply must hold one tensor, got {len(envelope.tensors)}")
+    return envelope.tensors[0]
