@@ -166,10 +166,12 @@ def _check_device(device: str) -> None:
               help="Seconds per forward, backward or step call before trying another replica.")
 @click.option("--stage-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
               help="Seconds to wait for a stage with no peer before giving up.")
+@click.option("--ban-seconds", type=click.FloatRange(min=0), default=15.0, show_default=True,
+              help="Seconds a peer whose call failed is skipped.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order.")
 def train(steps: int, data_path: str | None, batch_size: int, microbatches: int, log_jsonl: str | None,
-          eval_every: int, request_timeout: float, stage_timeout: float, device: str, seed: int,
+          eval_every: int, request_timeout: float, stage_timeout: float, ban_seconds: float, device: str, seed: int,
           **kw: Any) -> None:
     """Train N steps through the swarm's stages."""
     from cfnode.node.runtime import run_role
@@ -179,7 +181,7 @@ def train(steps: int, data_path: str | None, batch_size: int, microbatches: int,
     config = _run("train", lambda: TrainConfig(
         network=_network(kw), steps=steps, data_path=data_path, batch_size=batch_size, microbatches=microbatches,
         log_jsonl=log_jsonl, eval_every=eval_every, request_timeout=request_timeout, stage_timeout=stage_timeout,
-        device=device, seed=seed,
+        ban_seconds=ban_seconds, device=device, seed=seed,
     ))
     summary = _run("train", lambda: run_role(lambda: run_train(config)))
     click.echo(f"trained to step {summary['final_step']}: loss {summary['loss']:.4f}"
@@ -202,7 +204,7 @@ def status(as_json: bool, **kw: Any) -> None:
 
 
 @main.command()
-@click.option("--stages", type=click.IntRange(min=1), default=3, show_default=True, help="Body stages.")
+@click.option("--stages", type=click.IntRange(min=1), help="Body stages (default: the config's, else 3).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Peers per stage.")
 @click.option("--steps", type=click.IntRange(min=1), default=150, show_default=True, help="Training steps.")
 @click.option("--data", "data_path", type=click.Path(exists=True), help="Text file or folder of .txt files.")
@@ -214,14 +216,15 @@ def status(as_json: bool, **kw: Any) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False), help="Where the processes' logs go (default: a temp dir).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def swarm(stages: int, replicas: int, steps: int, data_path: str | None, log_jsonl: str | None,
+def swarm(stages: int | None, replicas: int, steps: int, data_path: str | None, log_jsonl: str | None,
           config_path: str | None, batch_size: int, microbatches: int, workdir: str | None, log_level: str) -> None:
     """Run a whole swarm on this machine: bootstrap, stages x replicas peers and a trainer."""
     from cfnode.launcher import LocalSwarm, SwarmLayout
 
     _setup_logging(log_level)
-    spec = _run("swarm", lambda: (RunSpec.from_file(config_path) if config_path else RunSpec()).replace(
-        num_stages=stages))
+    spec = _run("swarm", lambda: RunSpec.from_file(config_path) if config_path else RunSpec())
+    if stages is not None:
+        spec = _run("swarm", lambda: spec.replace(num_stages=stages))
     layout = SwarmLayout(spec=spec, replicas=replicas, steps=steps, data_path=data_path, log_jsonl=log_jsonl,
                          batch_size=batch_size, microbatches=microbatches,
                          workdir=Path(workdir) if workdir else None, log_level=log_level)

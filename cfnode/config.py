@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,6 +22,10 @@ RECOVERY_MODES = ("none", "checkfree", "checkfree+", "uniform", "copy", "random"
 
 class ConfigError(ValueError):
     """A run spec or flag value that cannot be used; the message says why."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,9 @@ class RunSpec:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("lr", "grad_clip", "lr_scale", "announce_ttl", "max_message_mb"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            if not _is_number(value) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
@@ -85,7 +90,7 @@ class RunSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunSpec:
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(str(key) for key in data if key not in known)
         if unknown:
             raise ConfigError(f"unknown run spec key(s): {', '.join(unknown)}; valid keys: {', '.join(known)}")
         values = {}
@@ -103,11 +108,14 @@ class RunSpec:
             text = path.read_text()
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path} is not UTF-8 text") from None
         try:
             if path.suffix == ".toml":
                 data = tomllib.loads(text)
             elif path.suffix in (".yaml", ".yml"):
-                data = yaml.safe_load(text) or {}
+                data = yaml.safe_load(text)
+                data = {} if data is None else data  # an empty file means all defaults
             elif path.suffix == ".json":
                 data = json.loads(text)
             else:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,12 @@ def spawn(name: str, args: list[str], log_path: Path, env: dict[str, str] | None
           stdout: int | IO | None = None) -> Child:
     """Start `cfnode <args>` in a new process group, its output appended to log_path unless stdout is given."""
     output = stdout if stdout is not None else open(log_path, "ab")
-    process = subprocess.Popen(cfnode_command(*args), stdout=output, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})})
+    try:
+        process = subprocess.Popen(cfnode_command(*args), stdout=output, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})})
+    finally:
+        if stdout is None:
+            output.close()  # the child has its own copy
     return Child(name, process, log_path)
 
 
@@ -141,7 +146,8 @@ class LocalSwarm:
     def run(self) -> int:
         """Start everything, show the trainer's progress, stop everything; returns the trainer's exit status."""
         spec = self.layout.spec
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main_thread else None
         try:
             print(f"local swarm: {spec.num_stages} stages x {self.layout.replicas} replicas; logs in {self.workdir}",
                   flush=True)
@@ -158,7 +164,8 @@ class LocalSwarm:
             return 130
         finally:
             stop_all(self.children)
-            signal.signal(signal.SIGTERM, previous)
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _tee(stream: IO[bytes], log_path: Path) -> None:

@@ -33,7 +33,7 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
             peer.state = PeerState.ONLINE
             announcer = asyncio.create_task(peer.announce_forever())
             recovered = f", from {', '.join(peer.recovered_from)}" if peer.recovered_from else ""
-            logger.info(f"serving stage {stage} (source: {peer.source}{recovered}) at step {peer.step}")
+            logger.info(f"serving stage {stage} (source: {peer.source}{recovered}) at step {peer.current_step}")
             if ready is not None:
                 ready.set()
             await wait_forever()

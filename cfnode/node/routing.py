@@ -28,7 +28,7 @@ class Backoff:
         self.attempt = 0
 
     def next_delay(self) -> float:
-        delay = min(self.max_delay, self.min_delay * 2**self.attempt)
+        delay = min(self.max_delay, self.min_delay * 2.0 ** min(self.attempt, 60))
         self.attempt += 1
         return delay * random.uniform(0.8, 1.2)
 

@@ -133,7 +133,7 @@ class StagePeer:
         self._grads_cache = None
         return grad_input
 
-    async def step(self, request: StepRequest) -> StepReply:
+    async def apply_step(self, request: StepRequest) -> StepReply:
         self._check_stage(request.stage)
         if self.peer_id not in request.group:
             raise RequestRefused(BAD_REQUEST, "this peer is not in the step group")
@@ -166,10 +166,10 @@ class StagePeer:
         asyncio.create_task(self.announce())  # status and the trainer see the new step promptly
         return StepReply(self.current_step, self.grad_norm)
 
-    async def info(self) -> dict:
+    async def describe(self) -> dict:
         return self.announcement().to_wire()
 
-    async def state(self, request: StageRequest) -> StateSnapshot:
+    async def export_state(self, request: StageRequest) -> StateSnapshot:
         self._check_stage(request.stage)
         if self.state != PeerState.ONLINE:
             raise RequestRefused(NOT_READY, f"peer is {self.state.value}")
@@ -177,7 +177,7 @@ class StagePeer:
             return await self._compute(snapshot, self.stage, self.current_step, self.grad_norm, self.model,
                                        self.optimizer)
 
-    async def grads(self, request: StageRequest) -> list[torch.Tensor]:
+    async def export_grads(self, request: StageRequest) -> list[torch.Tensor]:
         self._check_stage(request.stage)
         if self._grads_cache is not None and self._grads_cache[0] == request.step:
             return self._grads_cache[1]

@@ -33,7 +33,8 @@ def snapshot(stage: int, step: int, grad_norm: float | None, model: BodyStage,
 
 
 def load_snapshot(state: StateSnapshot, model: BodyStage, optimizer: torch.optim.Optimizer) -> None:
-    """Load a replica's state; refuses a snapshot whose tensors do not match this stage's shapes."""
+    """Load a replica's state. Everything is checked first, so a bad snapshot changes nothing."""
+    params = list(model.parameters())
     model_state: dict[str, torch.Tensor] = {}
     optim_state: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in zip(state.names, state.tensors):
@@ -42,8 +43,11 @@ def load_snapshot(state: StateSnapshot, model: BodyStage, optimizer: torch.optim
             model_state[rest] = tensor
         elif kind == "optim":
             index, _, key = rest.partition(".")
-            if not index.isdigit() or not key:
+            if not index.isdigit() or int(index) >= len(params) or not key:
                 raise ProtocolError(f"bad optimiser entry {name!r}")
+            if key != "step" and tensor.shape != params[int(index)].shape:
+                raise ProtocolError(f"{name} has shape {tuple(tensor.shape)}, "
+                                    f"expected {tuple(params[int(index)].shape)}")
             optim_state.setdefault(int(index), {})[key] = tensor
         else:
             raise ProtocolError(f"unknown state entry {name!r}")
@@ -51,10 +55,19 @@ def load_snapshot(state: StateSnapshot, model: BodyStage, optimizer: torch.optim
     if set(model_state) != set(expected):
         raise ProtocolError("state download does not hold this stage's parameters")
     for name, tensor in model_state.items():
-        if tensor.shape != expected[name].shape:
-            raise ProtocolError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+            raise ProtocolError(f"{name} has shape {tuple(tensor.shape)} {tensor.dtype}, "
+                                f"expected {tuple(expected[name].shape)} {expected[name].dtype}")
+    groups = state.param_groups
+    if (not isinstance(groups, list) or len(groups) != len(optimizer.param_groups)
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+            or [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]):
+        raise ProtocolError("optimiser param groups do not match this stage")
+    try:
+        optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    except (ValueError, TypeError, KeyError) as e:
+        raise ProtocolError(f"optimiser state does not load: {e}") from None
     model.load_state_dict(model_state)
-    optimizer.load_state_dict({"state": optim_state, "param_groups": state.param_groups})
 
 
 def flat_grads(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -318,7 +318,7 @@ class Trainer:
         hidden = hidden.to(self.device).requires_grad_(True)
         loss = self.head.loss(hidden, targets.to(self.device))
         (loss / self.config.microbatches).backward()
-        return float(loss), hidden.grad.cpu()
+        return float(loss.detach()), hidden.grad.cpu()
 
     def _loss_only(self, hidden: torch.Tensor, targets: torch.Tensor) -> float:
         with torch.no_grad():

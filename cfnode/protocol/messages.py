@@ -278,7 +278,7 @@ class StateSnapshot:
         if len(names) != len(envelope.tensors) or not all(isinstance(n, str) for n in names):
             raise ProtocolError(f"state has {len(names)} names for {len(envelope.tensors)} tensors")
         grad_norm = meta.get("grad_norm")
-        if grad_norm is not None and not isinstance(grad_norm, (int, float)):
+        if grad_norm is not None and (not isinstance(grad_norm, (int, float)) or isinstance(grad_norm, bool)):
             raise ProtocolError("grad_norm must be a number or None")
         return cls(_field(meta, "stage", int), _field(meta, "step", int), grad_norm, names, envelope.tensors,
                    _field(meta, "param_groups", list))

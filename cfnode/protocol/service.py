@@ -62,13 +62,13 @@ class StageBackend(Protocol):
 
     async def backward(self, request: BackwardRequest) -> torch.Tensor: ...
 
-    async def step(self, request: StepRequest) -> StepReply: ...
+    async def apply_step(self, request: StepRequest) -> StepReply: ...
 
-    async def info(self) -> dict: ...
+    async def describe(self) -> dict: ...
 
-    async def state(self, request: StageRequest) -> StateSnapshot: ...
+    async def export_state(self, request: StageRequest) -> StateSnapshot: ...
 
-    async def grads(self, request: StageRequest) -> list[torch.Tensor]: ...
+    async def export_grads(self, request: StageRequest) -> list[torch.Tensor]: ...
 
 
 class StageService(ServicerBase):
@@ -93,19 +93,19 @@ class StageService(ServicerBase):
 
     async def rpc_step(self, request: Request, context: P2PContext) -> Response:
         async def handle() -> Envelope:
-            return (await self.backend.step(StepRequest.parse(from_message(request)))).envelope()
+            return (await self.backend.apply_step(StepRequest.parse(from_message(request)))).envelope()
 
         return to_message(await _guarded(handle, "step"), Response)
 
     async def rpc_info(self, request: Request, context: P2PContext) -> Response:
         async def handle() -> Envelope:
-            return Envelope(await self.backend.info())
+            return Envelope(await self.backend.describe())
 
         return to_message(await _guarded(handle, "info"), Response)
 
     async def rpc_download_state(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
         async def handle() -> Envelope:
-            return (await self.backend.state(StageRequest.parse(from_message(request)))).envelope()
+            return (await self.backend.export_state(StageRequest.parse(from_message(request)))).envelope()
 
         for message in to_chunks(await _guarded(handle, "download_state"), Response):
             yield message
@@ -113,7 +113,7 @@ class StageService(ServicerBase):
     async def rpc_fetch_grads(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
         async def handle() -> Envelope:
             parsed = StageRequest.parse(from_message(request))
-            return Envelope({"step": parsed.step}, await self.backend.grads(parsed))
+            return Envelope({"step": parsed.step}, await self.backend.export_grads(parsed))
 
         for message in to_chunks(await _guarded(handle, "fetch_grads"), Response):
             yield message

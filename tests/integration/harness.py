@@ -1,0 +1,115 @@
+"""Real processes on 127.0.0.1 for integration tests: a bootstrap, stage peers, trainers, status calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cfnode.config import NetworkConfig, RunSpec
+from cfnode.launcher import Child, cfnode_command, kill_group, spawn, stop_all, wait_for_maddr
+
+T = TypeVar("T")
+
+# Small enough that a step takes a fraction of a second on two cores, large enough that the loss visibly falls.
+TINY_SPEC = RunSpec(num_stages=3, layers_per_stage=1, hidden_size=64, num_heads=4, seq_len=64, lr=3e-3,
+                    announce_ttl=4.0)
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
+    """Poll `condition` until it returns something truthy; fail the test with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Swarm:
+    """Processes of one test; every one is killed with its process group at teardown."""
+
+    def __init__(self, workdir: Path, spec: RunSpec = TINY_SPEC):
+        self.workdir = workdir
+        self.spec = spec
+        self.children: list[Child] = []
+        self.maddr = ""
+        self._count = 0
+
+    def _name(self, role: str) -> str:
+        self._count += 1
+        return f"{self._count:02d}-{role}"
+
+    def start_bootstrap(self) -> str:
+        spec_path = self.workdir / "spec.json"
+        spec_path.write_text(json.dumps(self.spec.to_dict()))
+        maddr_path = self.workdir / "bootstrap.maddr"
+        name = self._name("bootstrap")
+        child = spawn(name, ["bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path)],
+                      self.workdir / f"{name}.log")
+        self.children.append(child)
+        self.maddr = wait_for_maddr(maddr_path, child, timeout=60)
+        return self.maddr
+
+    def start_peer(self, stage: int | str, *extra: str) -> Child:
+        name = self._name(f"peer-stage-{stage}")
+        child = spawn(name, ["join", "--initial-peers", self.maddr, "--stage", str(stage), *extra],
+                      self.workdir / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    def start_trainer(self, steps: int, *extra: str, jsonl: Path | None = None) -> tuple[Child, Path]:
+        name = self._name("trainer")
+        jsonl = jsonl or self.workdir / f"{name}.jsonl"
+        child = spawn(name, ["train", "--initial-peers", self.maddr, "--steps", str(steps), "--batch-size", "8",
+                             "--microbatches", "4", "--eval-every", "0", "--log-jsonl", str(jsonl),
+                             "--request-timeout", "10", "--ban-seconds", "3", *extra],
+                      self.workdir / f"{name}.log")
+        self.children.append(child)
+        return child, jsonl
+
+    def status(self) -> dict[str, Any]:
+        result = subprocess.run(cfnode_command("status", "--initial-peers", self.maddr, "--json"),
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode not in (0, 1):
+            raise AssertionError(f"cfnode status failed: {result.stderr}")
+        return json.loads(result.stdout)
+
+    def online_peers(self, stage: int) -> list[dict[str, Any]]:
+        stages = {s["stage"]: s for s in self.status()["stages"]}
+        return [p for p in stages[stage]["peers"] if p["state"] == "ONLINE"]
+
+    def wait_online(self, counts: dict[int, int], timeout: float = 90) -> None:
+        wait_until(lambda: all(len(self.online_peers(s)) >= n for s, n in counts.items()), timeout,
+                   f"online peers per stage {counts}")
+
+    def kill(self, child: Child) -> None:
+        kill_group(child, signal.SIGKILL)
+        child.process.wait(10)
+
+    def log(self, child: Child) -> str:
+        return child.log_path.read_text(errors="replace") if child.log_path.exists() else ""
+
+    def close(self) -> None:
+        stop_all(self.children, grace=3.0)
+
+
+def run_async(coro_fn: Callable[..., Any], *args: Any) -> Any:
+    return asyncio.run(coro_fn(*args))
+
+
+def network(maddr: str) -> NetworkConfig:
+    return NetworkConfig(initial_peers=(maddr,), client_mode=True, connect_timeout=30)

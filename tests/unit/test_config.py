@@ -1,0 +1,264 @@
+import json
+
+import pytest
+
+from cfnode.config import RECOVERY_MODES, ConfigError, NetworkConfig, RunSpec, TrainConfig
+
+
+def test_defaults_are_valid():
+    spec = RunSpec()
+    assert spec.head_dim * spec.num_heads == spec.hidden_size
+    assert spec.head_dim % 2 == 0
+    assert spec.recovery in RECOVERY_MODES
+    assert spec.max_message_bytes == int(spec.max_message_mb * 2**20)
+    assert RunSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_replace_validates():
+    assert RunSpec().replace(num_stages=5).num_stages == 5
+    with pytest.raises(ConfigError, match="num_stages"):
+        RunSpec().replace(num_stages=0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"num_stages": 0}, "num_stages"),
+        ({"num_stages": -1}, "num_stages"),
+        ({"num_stages": 2.0}, "num_stages"),
+        ({"num_stages": True}, "num_stages"),
+        ({"layers_per_stage": 0}, "layers_per_stage"),
+        ({"layers_per_stage": False}, "layers_per_stage"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"hidden_size": "128"}, "hidden_size"),
+        ({"num_heads": 0}, "num_heads"),
+        ({"seq_len": 0}, "seq_len"),
+        ({"seq_len": True}, "seq_len"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"hidden_size": 130, "num_heads": 4}, "hidden_size"),  # not divisible by heads
+        ({"hidden_size": 12, "num_heads": 4}, "hidden_size"),  # odd head dim (3)
+        ({"lr": -1}, "lr"),
+        ({"lr": 0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"lr": True}, "lr"),
+        ({"lr": "0.1"}, "lr"),
+        ({"grad_clip": 0.0}, "grad_clip"),
+        ({"lr_scale": -0.5}, "lr_scale"),
+        ({"announce_ttl": 0}, "announce_ttl"),
+        ({"max_message_mb": 0}, "max_message_mb"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"weight_decay": "0"}, "weight_decay"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"recovery": "bogus"}, "recovery"),
+        ({"recovery": 5}, "recovery"),
+        ({"run_id": "a/b"}, "run_id"),
+        ({"run_id": "a.b"}, "run_id"),
+        ({"run_id": "a b"}, "run_id"),
+        ({"run_id": ""}, "run_id"),
+        ({"run_id": "-"}, "run_id"),
+        ({"run_id": 7}, "run_id"),
+    ],
+)
+def test_invalid_values_refused(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        RunSpec(**changes)
+
+
+@pytest.mark.parametrize("recovery", RECOVERY_MODES)
+def test_every_recovery_mode_accepted(recovery):
+    assert RunSpec(recovery=recovery).recovery == recovery
+
+
+@pytest.mark.parametrize("run_id", ["run", "run-2", "my_run", "A1"])
+def test_plain_run_ids_accepted(run_id):
+    assert RunSpec(run_id=run_id).run_id == run_id
+
+
+@pytest.mark.parametrize("weight_decay", [True, float("nan")])
+def test_weight_decay_refuses_bool_and_nan(weight_decay):
+    with pytest.raises(ConfigError, match="weight_decay"):
+        RunSpec(weight_decay=weight_decay)
+
+
+def test_from_dict_refuses_unknown_keys_and_lists_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        RunSpec.from_dict({"num_stages": 2, "bogus": 1, "another": 2})
+    message = str(info.value)
+    assert "bogus" in message and "another" in message
+    for name in RunSpec().to_dict():
+        assert name in message
+
+
+def test_from_dict_accepts_ints_for_float_fields():
+    spec = RunSpec.from_dict({"lr": 1, "weight_decay": 0, "grad_clip": 2, "lr_scale": 1, "announce_ttl": 5,
+                              "max_message_mb": 8})
+    for name in ("lr", "weight_decay", "grad_clip", "lr_scale", "announce_ttl", "max_message_mb"):
+        assert type(getattr(spec, name)) is float
+    assert spec.lr == 1.0 and spec.max_message_mb == 8.0
+    # bools are not numbers here, even in a float field
+    with pytest.raises(ConfigError, match="lr"):
+        RunSpec.from_dict({"lr": True})
+
+
+def test_from_dict_keeps_int_fields_int():
+    spec = RunSpec.from_dict({"num_stages": 4, "seed": 3})
+    assert type(spec.num_stages) is int and type(spec.seed) is int
+
+
+def test_from_dict_validates_values():
+    with pytest.raises(ConfigError, match="num_stages"):
+        RunSpec.from_dict({"num_stages": 0})
+
+
+EXPECTED = RunSpec(run_id="filetest", num_stages=2, hidden_size=64, lr=1.0, recovery="copy")
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("spec.yaml", "run_id: filetest\nnum_stages: 2\nhidden_size: 64\nlr: 1\nrecovery: copy\n"),
+        ("spec.yml", "run_id: filetest\nnum_stages: 2\nhidden_size: 64\nlr: 1\nrecovery: copy\n"),
+        ("spec.toml", 'run_id = "filetest"\nnum_stages = 2\nhidden_size = 64\nlr = 1\nrecovery = "copy"\n'),
+        ("spec.json", json.dumps({"run_id": "filetest", "num_stages": 2, "hidden_size": 64, "lr": 1,
+                                  "recovery": "copy"})),
+    ],
+)
+def test_from_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    spec = RunSpec.from_file(path)
+    assert spec == EXPECTED
+    assert type(spec.lr) is float
+    assert RunSpec.from_file(str(path)) == EXPECTED
+
+
+def test_from_file_empty_yaml_gives_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert RunSpec.from_file(path) == RunSpec()
+
+
+def test_from_file_bad_extension(tmp_path):
+    path = tmp_path / "spec.ini"
+    path.write_text("num_stages = 2\n")
+    with pytest.raises(ConfigError, match="must end in"):
+        RunSpec.from_file(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("bad.yaml", "num_stages: [1, 2\n"),
+        ("bad.toml", "num_stages = = 2\n"),
+        ("bad.json", "{num_stages: 2"),
+    ],
+)
+def test_from_file_unparsable(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="cannot parse"):
+        RunSpec.from_file(path)
+
+
+def test_from_file_missing(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        RunSpec.from_file(tmp_path / "nope.yaml")
+
+
+def test_from_file_directory(tmp_path):
+    path = tmp_path / "dir.yaml"
+    path.mkdir()
+    with pytest.raises(ConfigError, match="cannot read"):
+        RunSpec.from_file(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("list.yaml", "- 1\n- 2\n"),
+        ("scalar.yaml", "hello\n"),
+        ("list.json", "[1, 2]"),
+        ("number.json", "3"),
+        ("null.json", "null"),
+    ],
+)
+def test_from_file_non_mapping(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="mapping"):
+        RunSpec.from_file(path)
+
+
+def test_from_file_unknown_key(tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text("bogus = 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        RunSpec.from_file(path)
+
+
+def test_from_file_invalid_value(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("recovery: bogus\n")
+    with pytest.raises(ConfigError, match="recovery"):
+        RunSpec.from_file(path)
+
+
+@pytest.mark.parametrize("text", ["[]\n", "0\n", "false\n", "''\n"])
+def test_from_file_falsy_yaml_is_not_a_mapping(tmp_path, text):
+    path = tmp_path / "falsy.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="mapping"):
+        RunSpec.from_file(path)
+
+
+def test_from_file_non_string_keys(tmp_path):
+    path = tmp_path / "intkey.yaml"
+    path.write_text("1: 2\n")
+    with pytest.raises(ConfigError):
+        RunSpec.from_file(path)
+
+
+def test_from_file_not_utf8(tmp_path):
+    path = tmp_path / "binary.json"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError):
+        RunSpec.from_file(path)
+
+
+def test_network_config():
+    assert NetworkConfig().port == 0
+    with pytest.raises(ConfigError, match="port"):
+        NetworkConfig(port=70000)
+    with pytest.raises(ConfigError, match="port"):
+        NetworkConfig(port=-1)
+    with pytest.raises(ConfigError, match="timeout"):
+        NetworkConfig(connect_timeout=0)
+
+
+def test_train_config_defaults_valid():
+    config = TrainConfig(network=NetworkConfig())
+    assert config.batch_size % config.microbatches == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        ({"batch_size": 10, "microbatches": 4}, "multiple"),
+        ({"batch_size": 3, "microbatches": 2}, "multiple"),
+        ({"steps": 0}, "steps"),
+        ({"steps": -5}, "steps"),
+        ({"batch_size": 0}, "batch size"),
+        ({"microbatches": 0}, "microbatches"),
+        ({"request_timeout": 0}, "timeouts"),
+        ({"stage_timeout": -1}, "timeouts"),
+        ({"ban_seconds": -1}, "timeouts"),
+    ],
+)
+def test_train_config_refuses(changes, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        TrainConfig(network=NetworkConfig(), **changes)
+
+
+def test_train_config_accepts_zero_ban():
+    assert TrainConfig(network=NetworkConfig(), ban_seconds=0).ban_seconds == 0
