@@ -71,10 +71,10 @@ def kill_group(child: Child, sig: int = signal.SIGKILL) -> None:
 
 
 def stop_all(children: list[Child], grace: float = 5.0) -> None:
-    """SIGTERM every group, wait up to `grace` seconds, then SIGKILL whatever is left."""
+    """SIGTERM every child (it shuts its DHT and daemon down), wait up to `grace` s, then SIGKILL what is left."""
     for child in children:
         if child.process.poll() is None:
-            kill_group(child, signal.SIGTERM)
+            child.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
     for child in children:
         try:
@@ -110,6 +110,12 @@ class LocalSwarm:
         self.peers: dict[int, list[Child]] = {}
         self.maddr = ""
 
+    def _record(self, child: Child) -> None:
+        """Track a child; processes.json lists every process group this swarm started, for inspection."""
+        self.children.append(child)
+        listing = [{"name": c.name, "pid": c.process.pid, "log": str(c.log_path)} for c in self.children]
+        (self.workdir / "processes.json").write_text(json.dumps(listing, indent=2))
+
     def start_bootstrap(self) -> str:
         spec_path = self.workdir / "spec.json"
         spec_path.write_text(json.dumps(self.layout.spec.to_dict(), indent=2))
@@ -118,7 +124,7 @@ class LocalSwarm:
         bootstrap = spawn("bootstrap", ["bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path),
                                         "--run-id", self.layout.spec.run_id, "--log-level", self.layout.log_level],
                           self.workdir / "bootstrap.log")
-        self.children.append(bootstrap)
+        self._record(bootstrap)
         self.maddr = wait_for_maddr(maddr_path, bootstrap, timeout=60)
         return self.maddr
 
@@ -128,7 +134,7 @@ class LocalSwarm:
         child = spawn(name, ["join", "--initial-peers", self.maddr, "--stage", str(stage),
                              "--run-id", self.layout.spec.run_id, "--log-level", self.layout.log_level],
                       self.workdir / f"{name}.log")
-        self.children.append(child)
+        self._record(child)
         self.peers.setdefault(stage if isinstance(stage, int) else 0, []).append(child)
         return child
 
@@ -156,7 +162,7 @@ class LocalSwarm:
                 for _ in range(self.layout.replicas):
                     self.start_peer(stage)
             trainer = spawn("trainer", self.train_command(), self.workdir / "trainer.log", stdout=subprocess.PIPE)
-            self.children.append(trainer)
+            self._record(trainer)
             _tee(trainer.process.stdout, trainer.log_path)
             return trainer.process.wait()
         except KeyboardInterrupt:

@@ -28,6 +28,10 @@ class _OwnedDHT(hivemind.DHT):
     """
 
     def run(self) -> None:
+        # The fork inherited the parent's asyncio signal handling (a wakeup fd into the parent's loop): undo it,
+        # so SIGTERM stops this process instead of poking the parent.
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         parent = os.getppid()
 
         def watch_parent() -> None:

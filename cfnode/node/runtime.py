@@ -21,15 +21,24 @@ T = TypeVar("T")
 
 
 def run_role(main: Callable[[], Awaitable[T]]) -> T:
-    """Run a role's coroutine on uvloop; SIGINT and SIGTERM cancel it so its cleanup runs."""
+    """Run a role's coroutine on uvloop. SIGINT and SIGTERM cancel it, so its cleanup runs, and then the process
+    exits with the usual status for that signal (130, 143)."""
+    received: list[int] = []
+
     async def guarded() -> T:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, lambda s=sig: (received.append(s), task.cancel()))
         return await main()
 
-    return uvloop.run(guarded())
+    try:
+        return uvloop.run(guarded())
+    except asyncio.CancelledError:
+        if received:
+            logger.info(f"stopped by {signal.Signals(received[0]).name}")
+            raise SystemExit(128 + received[0]) from None
+        raise
 
 
 @contextlib.asynccontextmanager
