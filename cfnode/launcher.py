@@ -155,7 +155,8 @@ class LocalSwarm:
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main_thread else None
         try:
-            print(f"local swarm: {spec.num_stages} stages x {self.layout.replicas} replicas; logs in {self.workdir}",
+            replicas = f"{self.layout.replicas} replica{'s' if self.layout.replicas > 1 else ''}"
+            print(f"local swarm: {spec.num_stages} stages x {replicas} each; logs in {self.workdir}",
                   flush=True)
             self.start_bootstrap()
             for stage in range(1, spec.num_stages + 1):

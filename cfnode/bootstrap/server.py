@@ -21,8 +21,7 @@ SPEC_REFRESH = 60.0
 async def run_bootstrap(network: NetworkConfig, spec: RunSpec, maddr_file: str | None = None) -> None:
     async with connect(network) as (dht, _p2p):
         await _publish(dht, spec)
-        maddrs = [str(m) for m in dht.get_visible_maddrs()]
-        maddr = next((m for m in maddrs if f"/{network.host}/" in m), maddrs[0])
+        maddr = pick_public_maddr([str(m) for m in dht.get_visible_maddrs()], network.host)
         if maddr_file:
             Path(maddr_file).write_text(maddr + "\n")
         logger.info(f"run {spec.run_id!r}: {spec.num_stages} stages x {spec.layers_per_stage} layers, "
@@ -37,3 +36,14 @@ async def _publish(dht, spec: RunSpec) -> None:
     stored = await dht.store(spec_key(spec.run_id), spec.to_dict(), get_dht_time() + SPEC_TTL, return_future=True)
     if not stored:
         logger.warning("the run spec was not stored on the DHT; retrying at the next refresh")
+
+
+def pick_public_maddr(maddrs: list[str], host: str) -> str:
+    """The address to hand out: the one on the asked-for host, else (listening on all) a non-loopback one."""
+    if not maddrs:
+        raise RuntimeError("the DHT reports no address to be reached at")
+    exact = [m for m in maddrs if f"/{host}/" in m]
+    if exact:
+        return exact[0]
+    routable = [m for m in maddrs if "/127." not in m and "/::1/" not in m]
+    return (routable or maddrs)[0]

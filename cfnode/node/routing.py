@@ -16,6 +16,9 @@ from cfnode.protocol.records import StageAnnouncement
 logger = get_logger(__name__)
 
 
+FIRST_BAN_SECONDS = 1.0
+
+
 class StageUnavailable(RuntimeError):
     """A stage had no usable peer for longer than the trainer is willing to wait."""
 
@@ -41,6 +44,7 @@ class Router:
         self.stage_map: StageMap = {s: [] for s in range(1, spec.num_stages + 1)}
         self._banned: dict[str, float] = {}  # peer id -> monotonic time the ban ends
         self._inflight: dict[str, int] = {}
+        self._strikes: dict[str, int] = {}  # consecutive failures per peer
         self._refreshed_at = 0.0
         self._refresh_lock = asyncio.Lock()
 
@@ -59,11 +63,18 @@ class Router:
                 logger.warning(f"reading the stage map failed: {e}")
             await asyncio.sleep(self.refresh_seconds)
 
-    def ban(self, peer_id: str, seconds: float | None = None) -> None:
-        self._banned[peer_id] = time.monotonic() + (self.ban_seconds if seconds is None else seconds)
+    def ban(self, peer_id: str, seconds: float | None = None) -> float:
+        """Skip a peer for a while. Without `seconds`, bans escalate: a peer that failed once is retried soon
+        (a single lost stream should not take a stage offline), one that keeps failing waits up to ban_seconds."""
+        if seconds is None:
+            strikes = self._strikes.get(peer_id, 0)
+            self._strikes[peer_id] = strikes + 1
+            seconds = min(self.ban_seconds, FIRST_BAN_SECONDS * 2.0 ** min(strikes, 30))
+        self._banned[peer_id] = time.monotonic() + seconds
+        return seconds
 
-    def unban(self, peer_id: str) -> None:
-        self._banned.pop(peer_id, None)
+    def succeeded(self, peer_id: str) -> None:
+        self._strikes.pop(peer_id, None)
 
     def is_banned(self, peer_id: str) -> bool:
         return self._banned.get(peer_id, 0.0) > time.monotonic()

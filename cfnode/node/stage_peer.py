@@ -81,6 +81,7 @@ class StagePeer:
         self._input_grads: dict[int, torch.Tensor] = {}  # microbatch -> input grad, this step: retries are idempotent
         self._grads_cache: tuple[int, list[torch.Tensor]] | None = None  # (step, summed-over-microbatches grads)
         self._resync_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
         self._last_applied: int | None = None  # the step last applied, so a retried step call is idempotent
 
     # --- obtaining weights -------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ class StagePeer:
             self._input_grads.clear()
             # Keep this step's own gradients: a slower replica of the group may still fetch them.
             self._grads_cache = (request.step, own)
-        asyncio.create_task(self.announce())  # status and the trainer see the new step promptly
+        self._spawn(self.announce())  # status and the trainer see the new step promptly
         return StepReply(self.current_step, self.grad_norm)
 
     async def describe(self) -> dict:
@@ -256,7 +257,7 @@ class StagePeer:
 
     def _start_resync(self, target_step: int) -> None:
         if self._resync_task is None or self._resync_task.done():
-            self._resync_task = asyncio.create_task(self._resync(target_step))
+            self._resync_task = self._spawn(self._resync(target_step))
 
     async def _resync(self, target_step: int) -> None:
         """This replica fell behind (it missed a step); copy a replica that is at the swarm's step."""
@@ -305,6 +306,13 @@ class StagePeer:
             except Exception as e:  # the DHT may hiccup; the next round retries
                 logger.warning(f"stage {self.stage}: announcing failed: {e}")
             await asyncio.sleep(self.spec.announce_ttl / 4)
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        """A background task that is kept referenced until it finishes (the loop holds only weak references)."""
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -34,12 +34,14 @@ from cfnode.protocol.messages import (
     GROUP_FAILED,
     NOT_READY,
     STALE,
+    TRUNCATED,
     BackwardRequest,
     ForwardRequest,
     ProtocolError,
     RemoteError,
     StepReply,
     StepRequest,
+    TruncatedStream,
 )
 from cfnode.protocol.service import StageClient
 from cfnode.protocol.validation import validate_hidden
@@ -90,7 +92,7 @@ class Trainer:
             await self._wait_for_all_stages()
             self.step = swarm_step(self.router.stage_map)
             first_step, last_loss, val_loss = self.step, float("nan"), None
-            logger.info(f"training steps {self.step}..{self.step + self.config.steps - 1} over "
+            logger.info(f"training steps {self.step + 1}..{self.step + self.config.steps} over "
                         f"{self.spec.num_stages} stages; {self.dataset.train_tokens:,} training tokens")
             self.events.emit("train_started", step=self.step, steps=self.config.steps,
                              num_stages=self.spec.num_stages)
@@ -250,10 +252,9 @@ class Trainer:
             if peer is None:
                 await self._wait_for_stage(stage, backoff)
                 continue
-            self._stage_available(stage)
             self.router.started(peer)
             try:
-                return peer, await fn(peer)
+                result = await _retry_cut_streams(fn, peer)
             except RemoteError as e:
                 if e.code == BAD_REQUEST:
                     raise TrainerError(f"stage {stage} peer {peer} refused a {what} request: {e.message}") from None
@@ -262,34 +263,42 @@ class Trainer:
                     logger.debug(f"stage {stage} peer {peer} refused {what}: {e}")
                 else:
                     self._peer_failed(stage, peer, f"{what}: {e}")
+                continue
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 self._peer_failed(stage, peer, f"{what}: {_describe(e)}")
+                continue
             finally:
                 self.router.finished(peer)
+            self.router.succeeded(peer)
+            self._stage_available(stage, peer)
+            return peer, result
 
     def _peer_failed(self, stage: int, peer: str, reason: str) -> None:
         if not self.router.is_banned(peer):
-            self.events.emit("peer_failed", stage=stage, peer=peer, step=self.step, reason=reason)
+            self.events.emit("peer_failed", stage=stage, peer=peer, step=self.step + 1, reason=reason)
         self.router.ban(peer)
 
     async def _wait_for_stage(self, stage: int, backoff: Backoff) -> None:
         now = time.monotonic()
         if stage not in self._lost_since:
             self._lost_since[stage] = now
-            self.events.emit("stage_lost", stage=stage, step=self.step)
+            self.events.emit("stage_lost", stage=stage, step=self.step + 1)
             logger.warning(f"stage {stage} has no usable peer; waiting up to {self.config.stage_timeout:.0f} s "
                            "for one to join")
         if now - self._lost_since[stage] > self.config.stage_timeout:
             raise StageUnavailable(f"stage {stage} had no usable peer for {self.config.stage_timeout:.0f} s")
         await asyncio.sleep(backoff.next_delay())
 
-    def _stage_available(self, stage: int) -> None:
+    def _stage_available(self, stage: int, peer: str) -> None:
+        """A call to a lost stage succeeded again: report how long it was down and where its weights came from."""
         lost_since = self._lost_since.pop(stage, None)
         if lost_since is not None:
-            sources = sorted({p.source for p in self.router.usable(stage)})
-            self.events.emit("stage_recovered", stage=stage, step=self.step, source=",".join(sources),
+            record = next((p for p in self.router.stage_map.get(stage, []) if p.peer_id == peer), None)
+            self.events.emit("stage_recovered", stage=stage, step=self.step + 1, peer=peer,
+                             source=record.source if record else "unknown",
+                             recovered_from=record.recovered_from if record else [],
                              downtime=round(time.monotonic() - lost_since, 3))
 
     async def _wait_for_all_stages(self) -> None:
@@ -329,6 +338,20 @@ class Trainer:
         self.grad_norms[0] = float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+async def _retry_cut_streams(fn: Callable[[str], Awaitable[T]], peer: str, attempts: int = 3) -> T:
+    """The p2p daemon now and then cuts the tail off a stream; the same call again usually goes through.
+    Retrying the same peer is safe: a stage accumulates each microbatch's backward only once per step."""
+    for attempt in range(attempts):
+        try:
+            return await fn(peer)
+        except (TruncatedStream, RemoteError) as e:
+            cut = isinstance(e, TruncatedStream) or e.code == TRUNCATED
+            if not cut or attempt == attempts - 1:
+                raise
+            logger.debug(f"stream to {peer} was cut short ({e}); sending it again")
+    raise AssertionError("unreachable")
 
 
 def _describe(error: BaseException) -> str:

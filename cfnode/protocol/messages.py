@@ -26,6 +26,11 @@ class ProtocolError(ValueError):
     """A request or reply that breaks the wire contract (bad metadata, too large, truncated, ...)."""
 
 
+class TruncatedStream(ProtocolError):
+    """A stream that ended before its last tensor was complete; the daemon sometimes cuts a stream's tail, so
+    this is worth retrying, unlike other protocol errors."""
+
+
 class RemoteError(RuntimeError):
     """The other side refused a request; `code` says why in one word."""
 
@@ -41,6 +46,7 @@ BAD_REQUEST = "bad_request"  # malformed, wrong stage / shape / dtype, NaN or In
 STALE = "stale"  # the peer's step differs from the caller's; it resynchronises
 NOT_READY = "not_ready"  # the peer is joining or leaving
 INTERNAL = "internal"  # an unexpected failure while handling a valid request
+TRUNCATED = "truncated"  # the request stream arrived incomplete; sending it again usually works
 GROUP_FAILED = "group_failed"  # a step could not gather the gradients of every replica; nothing was applied
 
 
@@ -119,7 +125,7 @@ async def from_chunks(stream: AsyncIterator[Message], max_bytes: int) -> Envelop
     if meta is None:
         raise ProtocolError("empty message stream")
     if pending is not None:
-        raise ProtocolError(f"truncated tensor: {len(pending_parts)} of {pending.chunks} chunks")
+        raise TruncatedStream(f"truncated tensor: {len(pending_parts)} of {pending.chunks} chunks")
     return Envelope(meta, tensors)
 
 

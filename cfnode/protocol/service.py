@@ -20,6 +20,7 @@ from hivemind.utils.logging import get_logger
 from cfnode.protocol.messages import (
     BAD_REQUEST,
     INTERNAL,
+    TRUNCATED,
     BackwardRequest,
     Envelope,
     ForwardRequest,
@@ -28,6 +29,7 @@ from cfnode.protocol.messages import (
     StateSnapshot,
     StepReply,
     StepRequest,
+    TruncatedStream,
     error_envelope,
     from_chunks,
     from_message,
@@ -122,6 +124,8 @@ class StageService(ServicerBase):
 async def _guarded(handle, name: str) -> Envelope:
     try:
         return await handle()
+    except TruncatedStream as e:
+        return error_envelope(TRUNCATED, str(e))
     except ProtocolError as e:
         return error_envelope(BAD_REQUEST, str(e))
     except RequestRefused as e:

@@ -86,7 +86,11 @@ def test_bootstrap_reads_toml_and_keeps_its_identity(swarm, tmp_path):
             assert status.returncode == 1  # no stage has a peer yet
         finally:
             os.killpg(process.pid, signal.SIGTERM)
-            process.wait(30)
+            try:
+                process.wait(30)
+            finally:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
     assert peer_ids[0] == peer_ids[1]
 
 

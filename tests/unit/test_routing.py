@@ -101,9 +101,17 @@ def test_pick_skips_banned_and_excluded():
     router.ban("b")
     router.ban("c")
     assert router.pick(2) is None
-    router.unban("b")
+    router.ban("b", seconds=0.0)  # an explicit zero-length ban lifts it
     assert router.pick(2) == "b"
-    router.unban("never-banned")  # harmless
+
+
+def test_bans_escalate_and_reset_on_success():
+    router = make_router(ban_seconds=10.0)
+    durations = [router.ban("a") for _ in range(6)]
+    assert durations[0] == 1.0
+    assert durations == sorted(durations) and durations[-1] == 10.0
+    router.succeeded("a")
+    assert router.ban("a") == 1.0
 
 
 def test_pick_is_per_stage():

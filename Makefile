@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine: `make demo` (a local swarm training on the embedded corpus) and
+# `make test` (the test suite). Both create .venv and install cfnode into it first.
+VENV ?= .venv
+PYTHON ?= python3
+BIN = $(VENV)/bin
+
+.PHONY: demo test install lint
+
+install: $(VENV)/.installed
+
+# torch is pinned first so pip does not resolve an open `torch` requirement to a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/cfnode swarm
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check .
