@@ -69,7 +69,9 @@ def test_replica_killed_mid_run_and_late_joiner_gets_identical_state(swarm):
     swarm.start_peer(2)
     wait_until(lambda: len(swarm.online_peers(2)) == 2, 90, "the late joiner to come online")
     peers = swarm.online_peers(2)
-    assert {p["source"] for p in peers} == {"fresh", "replica"}
+    (newcomer,) = [p for p in peers if p["peer_id"] != survivors[0]["peer_id"]]
+    assert newcomer["source"] == "replica" and newcomer["recovered_from"] == [f"2:{survivors[0]['peer_id']}"]
+    assert "copied step 30 from replica" in swarm.log(swarm.children[-1])
     states = run_async(download_all, swarm.maddr, 2, [p["peer_id"] for p in peers])
     assert states[0].step == 30
     assert any(name.startswith("optim.") for name in states[0].names)
