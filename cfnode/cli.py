@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from cfnode import __version__
-from cfnode.config import ConfigError, JoinConfig, NetworkConfig, RunSpec, TrainConfig
+from cfnode.config import RECOVERY_MODES, ConfigError, JoinConfig, NetworkConfig, RunSpec, TrainConfig
 
 # Errors a user can cause (bad input, an unreachable swarm): one line and a non-zero exit, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError, RuntimeError, TimeoutError)
@@ -203,6 +203,14 @@ def status(as_json: bool, **kw: Any) -> None:
         sys.exit(1)
 
 
+def _parse_kill(value: str, num_stages: int) -> tuple[int, int]:
+    stage, _, step = value.partition("@")
+    if not (stage.isdigit() and step.isdigit()) or not 1 <= int(stage) <= num_stages or int(step) < 1:
+        raise click.BadParameter(f"expected STAGE@STEP with STAGE in 1..{num_stages} and STEP >= 1, got {value!r}",
+                                 param_hint="--kill")
+    return int(stage), int(step)
+
+
 @main.command()
 @click.option("--stages", type=click.IntRange(min=1), help="Body stages (default: the config's, else 3).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Peers per stage.")
@@ -213,11 +221,20 @@ def status(as_json: bool, **kw: Any) -> None:
               help="Run spec file; --stages overrides its num_stages.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--microbatches", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--kill", "kills", multiple=True, metavar="STAGE@STEP",
+              help="SIGKILL every peer of STAGE when the trainer reaches STEP, then start a newcomer with "
+                   "--stage auto; repeatable.")
+@click.option("--churn", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Chance per stage per step that all its peers are SIGKILLed (a newcomer follows).")
+@click.option("--churn-seed", type=int, default=0, show_default=True, help="Seed of the --churn failures.")
+@click.option("--recovery", type=click.Choice(RECOVERY_MODES),
+              help="Recovery mode of the run spec (default: the config's, else checkfree).")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Where the processes' logs go (default: a temp dir).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def swarm(stages: int | None, replicas: int, steps: int, data_path: str | None, log_jsonl: str | None,
-          config_path: str | None, batch_size: int, microbatches: int, workdir: str | None, log_level: str) -> None:
+          config_path: str | None, batch_size: int, microbatches: int, kills: tuple[str, ...], churn: float,
+          churn_seed: int, recovery: str | None, workdir: str | None, log_level: str) -> None:
     """Run a whole swarm on this machine: bootstrap, stages x replicas peers and a trainer."""
     from cfnode.launcher import LocalSwarm, SwarmLayout
 
@@ -225,8 +242,12 @@ def swarm(stages: int | None, replicas: int, steps: int, data_path: str | None, 
     spec = _run("swarm", lambda: RunSpec.from_file(config_path) if config_path else RunSpec())
     if stages is not None:
         spec = _run("swarm", lambda: spec.replace(num_stages=stages))
+    if recovery is not None:
+        spec = spec.replace(recovery=recovery)
+    schedule = [_parse_kill(k, spec.num_stages) for k in kills]
     layout = SwarmLayout(spec=spec, replicas=replicas, steps=steps, data_path=data_path, log_jsonl=log_jsonl,
                          batch_size=batch_size, microbatches=microbatches,
-                         workdir=Path(workdir) if workdir else None, log_level=log_level)
+                         workdir=Path(workdir) if workdir else None, log_level=log_level, kills=schedule,
+                         churn=churn, churn_seed=churn_seed)
     code = _run("swarm", lambda: LocalSwarm(layout).run())
     sys.exit(code)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +39,9 @@ class SwarmLayout:
     workdir: Path | None = None
     log_level: str = "info"
     train_args: list[str] = field(default_factory=list)  # extra flags for `cfnode train`
+    kills: list[tuple[int, int]] = field(default_factory=list)  # (stage, step): SIGKILL the stage's peers then
+    churn: float = 0.0  # chance per stage per step that all its peers are SIGKILLed
+    churn_seed: int = 0
 
 
 @dataclass
@@ -107,8 +112,12 @@ class LocalSwarm:
         self.workdir = layout.workdir or Path(tempfile.mkdtemp(prefix="cfnode-swarm-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
-        self.peers: dict[int, list[Child]] = {}
+        self.peers: list[Child] = []
         self.maddr = ""
+        churning = bool(layout.kills or layout.churn)
+        # Churn follows the trainer's step events, so it needs them in a file even if the user asked for none.
+        self.events_path = Path(layout.log_jsonl) if layout.log_jsonl else (
+            self.workdir / "events.jsonl" if churning else None)
 
     def _record(self, child: Child) -> None:
         """Track a child; processes.json lists every process group this swarm started, for inspection."""
@@ -129,14 +138,49 @@ class LocalSwarm:
         return self.maddr
 
     def start_peer(self, stage: int | str) -> Child:
-        index = sum(len(v) for v in self.peers.values())
+        index = len(self.peers)
         name = f"peer-{index}-stage-{stage}"
         child = spawn(name, ["join", "--initial-peers", self.maddr, "--stage", str(stage),
                              "--run-id", self.layout.spec.run_id, "--log-level", self.layout.log_level],
                       self.workdir / f"{name}.log")
         self._record(child)
-        self.peers.setdefault(stage if isinstance(stage, int) else 0, []).append(child)
+        self.peers.append(child)
         return child
+
+    def stage_of(self, child: Child) -> int | None:
+        """The stage a peer serves, from its log (a peer started with --stage auto decides by itself)."""
+        try:
+            match = re.search(r"joining stage (\d+) of", child.log_path.read_text(errors="replace"))
+        except OSError:
+            return None
+        return int(match.group(1)) if match else None
+
+    def kill_stage(self, stage: int, step: int) -> int:
+        """SIGKILL every live peer of a stage, then start a newcomer with --stage auto; returns how many died."""
+        victims = [c for c in self.peers if c.process.poll() is None and self.stage_of(c) == stage]
+        for child in victims:
+            kill_group(child)
+            child.process.wait(10)
+        if victims:
+            print(f"churn: SIGKILLed {len(victims)} peer(s) of stage {stage} at step {step}; "
+                  "starting a newcomer with --stage auto", flush=True)
+            self.start_peer("auto")
+        return len(victims)
+
+    def _churn(self, events_path: Path, stop: threading.Event) -> None:
+        """Follow the trainer's step events and kill stages on the --kill schedule and at the --churn rate."""
+        rng = random.Random(self.layout.churn_seed)
+        pending = sorted(self.layout.kills, key=lambda kill: kill[1])
+        follower = StepFollower(events_path)
+        while not stop.wait(0.1):
+            for step in follower.new_steps():
+                due = [stage for stage, at in pending if at <= step]
+                pending = [(stage, at) for stage, at in pending if at > step]
+                for stage in range(1, self.layout.spec.num_stages + 1):
+                    if self.layout.churn and rng.random() < self.layout.churn:
+                        due.append(stage)
+                for stage in sorted(set(due)):
+                    self.kill_stage(stage, step)
 
     def train_command(self) -> list[str]:
         layout = self.layout
@@ -145,8 +189,8 @@ class LocalSwarm:
                 "--run-id", layout.spec.run_id, "--log-level", layout.log_level]
         if layout.data_path:
             args += ["--data", layout.data_path]
-        if layout.log_jsonl:
-            args += ["--log-jsonl", layout.log_jsonl]
+        if self.events_path is not None:
+            args += ["--log-jsonl", str(self.events_path)]
         return args + layout.train_args
 
     def run(self) -> int:
@@ -154,6 +198,7 @@ class LocalSwarm:
         spec = self.layout.spec
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main_thread else None
+        stop_churn = threading.Event()
         try:
             replicas = f"{self.layout.replicas} replica{'s' if self.layout.replicas > 1 else ''}"
             print(f"local swarm: {spec.num_stages} stages x {replicas} each; logs in {self.workdir}",
@@ -164,12 +209,15 @@ class LocalSwarm:
                     self.start_peer(stage)
             trainer = spawn("trainer", self.train_command(), self.workdir / "trainer.log", stdout=subprocess.PIPE)
             self._record(trainer)
+            if self.layout.kills or self.layout.churn:
+                threading.Thread(target=self._churn, args=(self.events_path, stop_churn), daemon=True).start()
             _tee(trainer.process.stdout, trainer.log_path)
             return trainer.process.wait()
         except KeyboardInterrupt:
             print("stopping the local swarm", flush=True)
             return 130
         finally:
+            stop_churn.set()
             stop_all(self.children)
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
@@ -183,6 +231,33 @@ def _tee(stream: IO[bytes], log_path: Path) -> None:
             log.flush()
             sys.stdout.buffer.write(line)
             sys.stdout.flush()
+
+
+class StepFollower:
+    """Reads the step numbers the trainer appends to its JSON lines file, a complete line at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+
+    def new_steps(self) -> list[int]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return []
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        steps = []
+        for line in complete.splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "step":
+                steps.append(int(event["step"]))
+        return steps
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

@@ -9,8 +9,8 @@ from hivemind.utils.logging import get_logger
 
 from cfnode.config import JoinConfig
 from cfnode.node.runtime import connect, wait_forever
-from cfnode.node.stage_peer import StagePeer, pick_stage
-from cfnode.node.swarm_map import read_spec, read_stage_map
+from cfnode.node.stage_peer import StagePeer, live_stage_map, pick_stage
+from cfnode.node.swarm_map import read_spec
 from cfnode.protocol.records import PeerState
 from cfnode.protocol.service import StageClient, StageService
 
@@ -20,8 +20,8 @@ logger = get_logger(__name__)
 async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> None:
     async with connect(config.network) as (dht, p2p):
         spec = await read_spec(dht, config.network.run_id, config.network.connect_timeout)
-        stage, _ = await pick_stage(config, dht, spec)
         client = StageClient(p2p, spec.max_message_bytes)
+        stage = await pick_stage(config, dht, spec, client)
         peer = StagePeer(spec, stage, p2p.peer_id.to_base58(), dht, client, config.device, config.request_timeout)
         service = StageService(peer)
         await service.add_p2p_handlers(p2p)
@@ -29,7 +29,7 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
         try:
             logger.info(f"joining stage {stage} of {spec.num_stages} as {peer.peer_id}")
             await peer.announce()  # JOINING: other newcomers now see this stage as taken
-            await peer.obtain_weights(await read_stage_map(dht, spec))
+            await peer.obtain_weights(await live_stage_map(dht, spec, client))
             peer.state = PeerState.ONLINE
             announcer = asyncio.create_task(peer.announce_forever())
             recovered = f", from {', '.join(peer.recovered_from)}" if peer.recovered_from else ""

@@ -21,7 +21,7 @@ from hivemind.utils.logging import get_logger
 from cfnode.config import JoinConfig, RunSpec
 from cfnode.model import build_body_stage
 from cfnode.node.stage_choice import choose_stage
-from cfnode.node.stage_state import flat_grads, load_snapshot, make_optimizer, snapshot
+from cfnode.node.stage_state import flat_grads, load_snapshot, make_optimizer, model_state, snapshot
 from cfnode.node.swarm_map import StageMap, online, read_stage_map, swarm_step
 from cfnode.protocol.keys import stage_key
 from cfnode.protocol.messages import (
@@ -40,6 +40,7 @@ from cfnode.protocol.messages import (
 from cfnode.protocol.records import PeerState, StageAnnouncement
 from cfnode.protocol.service import RequestRefused, StageClient
 from cfnode.protocol.validation import validate_hidden
+from cfnode.recovery.rebuild import plan_rebuild, rebuild_weights, source_weights
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -82,12 +83,14 @@ class StagePeer:
         self._grads_cache: tuple[int, list[torch.Tensor]] | None = None  # (step, summed-over-microbatches grads)
         self._resync_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        self._step_anchored = False  # True once this copy has stepped or copied a replica: its step is real
+        self.recovery_timing: dict[str, float] = {}
         self._last_applied: int | None = None  # the step last applied, so a retried step call is idempotent
 
     # --- obtaining weights -------------------------------------------------------------------------------
 
     async def obtain_weights(self, stage_map: StageMap) -> None:
-        """Copy a live replica exactly if there is one; otherwise start from the run spec's seed."""
+        """Copy a live replica exactly if there is one; otherwise rebuild the stage (see recovery.rebuild)."""
         replicas = [p for p in online(stage_map.get(self.stage, [])) if p.peer_id != self.peer_id]
         random.shuffle(replicas)
         for replica in sorted(replicas, key=lambda p: -p.step):
@@ -99,12 +102,67 @@ class StagePeer:
                 logger.warning(f"stage {self.stage}: state download from {replica.peer_id} failed: {e}")
                 continue
             self.source, self.recovered_from = "replica", [f"{self.stage}:{replica.peer_id}"]
+            self._step_anchored = True
             logger.info(f"stage {self.stage}: copied step {self.current_step} from replica {replica.peer_id} "
                         f"in {time.perf_counter() - started:.2f} s")
             return
-        self.source, self.recovered_from = "fresh", []
-        # A stage rebuilt into a swarm that has trained continues at the swarm's step.
-        self.current_step = swarm_step(stage_map)
+        await self._rebuild(stage_map)
+
+    async def _rebuild(self, stage_map: StageMap) -> None:
+        """No live replica: rebuild from the nearest live stages, or start fresh in a swarm that never trained."""
+        trained = swarm_step(stage_map) > 0
+        live = {s for s, peers in stage_map.items() if s != self.stage and online(peers)}
+        while True:
+            plan = plan_rebuild(self.stage, self.spec.num_stages, live, self.spec.recovery, trained)
+            for warning in plan.warnings:
+                logger.warning(f"stage {self.stage}: {warning}")
+            started = time.perf_counter()
+            downloads = await asyncio.gather(*[self._download_weights(s, stage_map) for s in plan.sources])
+            failed = {s for s, d in zip(plan.sources, downloads) if d is None}
+            if not failed:
+                break
+            live -= failed  # a source stage died while we were reading it: plan again without it
+        downloaded = time.perf_counter()
+        snapshots = [snap for _, snap in downloads]
+        norms = [snap.grad_norm for snap in snapshots]
+        fresh = build_body_stage(self.spec, self.stage).state_dict()
+        new_state = await self._compute(rebuild_weights, plan, [model_state(s) for s in snapshots], norms, fresh)
+        async with self._state_lock:
+            await self._compute(self.model.load_state_dict, new_state)
+            # A rebuilt stage starts a fresh optimiser, at a slightly higher learning rate (the paper's x1.1).
+            lr = self.spec.lr * (self.spec.lr_scale if plan.kind not in ("fresh",) else 1.0)
+            self.optimizer = make_optimizer(self.model, self.spec, lr=lr)
+            self.current_step = max([snap.step for snap in snapshots], default=swarm_step(stage_map))
+            self.grad_norm = None
+            self._reset_step_buffers()
+        averaged = time.perf_counter()
+        self.source = plan.kind
+        self.recovered_from = [f"{s}:{peer}" for s, (peer, _) in zip(plan.sources, downloads)]
+        self.recovery_timing = {"download": round(downloaded - started, 4), "rebuild": round(averaged - downloaded, 4)}
+        if plan.sources:
+            weights = source_weights(plan.kind, norms) if plan.kind != "copy" else [1.0]
+            described = " and ".join(f"stage {s} (peer {peer}, grad norm {snap.grad_norm}, weight {w:.3f})"
+                                     for s, (peer, snap), w in zip(plan.sources, downloads, weights))
+            logger.info(f"stage {self.stage}: rebuilt by {plan.kind} from {described} at step {self.current_step}; "
+                        f"download {self.recovery_timing['download']:.2f} s, "
+                        f"rebuild {self.recovery_timing['rebuild']:.2f} s")
+        elif trained:
+            logger.warning(f"stage {self.stage}: starting from {plan.kind} weights at step {self.current_step}")
+
+    async def _download_weights(self, stage: int, stage_map: StageMap) -> tuple[str, StateSnapshot] | None:
+        """The weights and last gradient norm of one live peer of `stage`; None if none of them answers."""
+        for peer in sorted(online(stage_map.get(stage, [])), key=lambda p: -p.step):
+            try:
+                snap = await self.client.download_state(peer.peer_id, stage, self.request_timeout * 4,
+                                                        weights_only=True)
+            except Exception as e:
+                logger.warning(f"stage {self.stage}: weight download from stage {stage} peer {peer.peer_id} "
+                               f"failed: {e}")
+                continue
+            if snap.stage != stage:
+                continue
+            return peer.peer_id, snap
+        return None
 
     async def _load(self, state: StateSnapshot) -> None:
         if state.stage != self.stage:
@@ -160,6 +218,7 @@ class StagePeer:
             ordered = [by_peer[p] for p in sorted(request.group)]
             self.grad_norm = await self._compute(self._apply, ordered)
             self._last_applied = request.step
+            self._step_anchored = True
             self.current_step += 1
             self._input_grads.clear()
             # Keep this step's own gradients: a slower replica of the group may still fetch them.
@@ -176,7 +235,7 @@ class StagePeer:
             raise RequestRefused(NOT_READY, f"peer is {self.state.value}")
         async with self._state_lock:
             return await self._compute(snapshot, self.stage, self.current_step, self.grad_norm, self.model,
-                                       self.optimizer)
+                                       self.optimizer, request.weights_only)
 
     async def export_grads(self, request: StageRequest) -> list[torch.Tensor]:
         self._check_stage(request.stage)
@@ -192,6 +251,10 @@ class StagePeer:
             raise RequestRefused(BAD_REQUEST, f"this peer serves stage {self.stage}, not stage {stage}")
 
     def _check_step(self, step: int) -> None:
+        if step != self.current_step and not self._step_anchored:
+            # Rebuilt or fresh weights have no step history of their own: take the trainer's step.
+            logger.info(f"stage {self.stage}: taking the trainer's step {step} (was {self.current_step})")
+            self.current_step = step
         if step != self.current_step:
             if step > self.current_step:
                 self._start_resync(step)
@@ -318,7 +381,7 @@ class StagePeer:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
 
-async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec) -> tuple[int, StageMap]:
+async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec, client: StageClient) -> int:
     """The stage to serve: the one asked for, or the automatic choice after a short random delay.
 
     The delay spreads newcomers that start together, so they see each other's JOINING records.
@@ -326,7 +389,25 @@ async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec) -> tu
     if config.stage is not None:
         if not 1 <= config.stage <= spec.num_stages:
             raise ValueError(f"stage {config.stage} does not exist: this run has stages 1..{spec.num_stages}")
-        return config.stage, await read_stage_map(dht, spec)
+        return config.stage
     await asyncio.sleep(random.uniform(0, 1.0))
+    stage_map = await live_stage_map(dht, spec, client)
+    return choose_stage(stage_map, spec.num_stages)
+
+
+async def live_stage_map(dht: hivemind.DHT, spec: RunSpec, client: StageClient, timeout: float = 3.0) -> StageMap:
+    """The stage map without peers that no longer answer: a SIGKILLed peer's record outlives it by up to its TTL,
+    and a newcomer must see that stage as lost at once."""
     stage_map = await read_stage_map(dht, spec)
-    return choose_stage(stage_map, spec.num_stages), stage_map
+    peers = [p for records in stage_map.values() for p in records]
+
+    async def answers(peer: StageAnnouncement) -> bool:
+        try:
+            await client.info(peer.peer_id, peer.stage, timeout)
+            return True
+        except Exception:
+            return False
+
+    alive = await asyncio.gather(*[answers(p) for p in peers])
+    dead = {p.peer_id for p, ok in zip(peers, alive) if not ok}
+    return {stage: [p for p in records if p.peer_id not in dead] for stage, records in stage_map.items()}

@@ -17,12 +17,14 @@ def make_optimizer(model: torch.nn.Module, spec: RunSpec, lr: float | None = Non
 
 
 def snapshot(stage: int, step: int, grad_norm: float | None, model: BodyStage,
-             optimizer: torch.optim.Optimizer) -> StateSnapshot:
-    """A copy of everything a replica needs to continue exactly where this one is."""
+             optimizer: torch.optim.Optimizer, weights_only: bool = False) -> StateSnapshot:
+    """A copy of everything a replica needs to continue exactly where this one is (or just the weights)."""
     names, tensors = [], []
     for name, tensor in model.state_dict().items():
         names.append(f"model.{name}")
         tensors.append(tensor.detach().to("cpu", copy=True))
+    if weights_only:
+        return StateSnapshot(stage, step, grad_norm, names, tensors, [])
     optim_state = optimizer.state_dict()
     for index, per_param in optim_state["state"].items():
         for key, value in per_param.items():
@@ -85,3 +87,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item()
     return value
+
+
+def model_state(state: StateSnapshot) -> dict[str, torch.Tensor]:
+    """The weights in a snapshot, as a state dict."""
+    return {name.removeprefix("model."): tensor for name, tensor in zip(state.names, state.tensors)
+            if name.startswith("model.")}

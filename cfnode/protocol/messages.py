@@ -252,13 +252,17 @@ class StageRequest:
 
     stage: int
     step: int = 0
+    weights_only: bool = False  # a state download without the optimiser state (for rebuilding another stage)
 
     def envelope(self) -> Envelope:
-        return Envelope({"stage": self.stage, "step": self.step})
+        return Envelope({"stage": self.stage, "step": self.step, "weights_only": self.weights_only})
 
     @classmethod
     def parse(cls, envelope: Envelope) -> StageRequest:
-        return cls(_field(envelope.meta, "stage", int), _field(envelope.meta, "step", int))
+        weights_only = envelope.meta.get("weights_only", False)
+        if not isinstance(weights_only, bool):
+            raise ProtocolError("field 'weights_only' must be a boolean")
+        return cls(_field(envelope.meta, "stage", int), _field(envelope.meta, "step", int), weights_only)
 
 
 @dataclass

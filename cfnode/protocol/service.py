@@ -187,8 +187,9 @@ class StageClient:
     async def info(self, peer_id: str, stage: int, timeout: float) -> dict:
         return (await self._unary("rpc_info", peer_id, StageRequest(stage).envelope(), timeout)).meta
 
-    async def download_state(self, peer_id: str, stage: int, timeout: float) -> StateSnapshot:
-        envelope = StageRequest(stage).envelope()
+    async def download_state(self, peer_id: str, stage: int, timeout: float,
+                             weights_only: bool = False) -> StateSnapshot:
+        envelope = StageRequest(stage, weights_only=weights_only).envelope()
         return StateSnapshot.parse(await self._server_stream("rpc_download_state", peer_id, envelope, timeout))
 
     async def fetch_grads(self, peer_id: str, stage: int, step: int, timeout: float) -> list[torch.Tensor]:

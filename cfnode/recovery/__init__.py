@@ -1,0 +1,1 @@
+"""Recovery math and decisions as pure functions: shared by the live swarm and the churn benchmark."""
