@@ -45,6 +45,8 @@ class RunSpec:
     seed: int = 0  # fresh weights of every stage derive from it
     recovery: str = "checkfree"
     lr_scale: float = 1.1  # learning-rate factor for a stage rebuilt from its neighbours
+    swap_fraction: float = 0.5  # checkfree+: share of each step's microbatches routed 2,1,3,...,S,S-1
+    head_copy_every: int = 10  # the trainer copies embedding, norm and head to stages 1 and S every N steps (0: off)
     announce_ttl: float = 10.0  # seconds an announcement lives unless refreshed
     max_message_mb: float = 64.0  # largest activation or gradient payload a peer accepts
 
@@ -67,6 +69,13 @@ class RunSpec:
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
                 "into an even head size (rotary embeddings rotate pairs)"
             )
+        if not _is_number(self.swap_fraction) or not 0 <= self.swap_fraction <= 1:
+            raise ConfigError(f"swap_fraction must be a number in [0, 1], got {self.swap_fraction!r}")
+        if not isinstance(self.head_copy_every, int) or isinstance(self.head_copy_every, bool) \
+                or self.head_copy_every < 0:
+            raise ConfigError(f"head_copy_every must be a non-negative integer, got {self.head_copy_every!r}")
+        if self.recovery == "checkfree+" and self.num_stages < 2:
+            raise ConfigError("recovery checkfree+ needs at least 2 body stages: it swaps neighbouring stages")
         if self.recovery not in RECOVERY_MODES:
             raise ConfigError(f"recovery must be one of {', '.join(RECOVERY_MODES)}; got {self.recovery!r}")
         plain_run_id = isinstance(self.run_id, str) and self.run_id.replace("-", "").replace("_", "").isalnum()

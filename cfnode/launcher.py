@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from typing import IO
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import RunSpec
+from cfnode.recovery.failures import failure_schedule
 
 logger = get_logger(__name__)
 
@@ -169,18 +169,18 @@ class LocalSwarm:
 
     def _churn(self, events_path: Path, stop: threading.Event) -> None:
         """Follow the trainer's step events and kill stages on the --kill schedule and at the --churn rate."""
-        rng = random.Random(self.layout.churn_seed)
-        pending = sorted(self.layout.kills, key=lambda kill: kill[1])
+        layout = self.layout
+        schedule = failure_schedule(layout.spec.num_stages, layout.steps, layout.churn, layout.churn_seed,
+                                    layout.kills)
         follower = StepFollower(events_path)
+        done = 0
         while not stop.wait(0.1):
             for step in follower.new_steps():
-                due = [stage for stage, at in pending if at <= step]
-                pending = [(stage, at) for stage, at in pending if at > step]
-                for stage in range(1, self.layout.spec.num_stages + 1):
-                    if self.layout.churn and rng.random() < self.layout.churn:
-                        due.append(stage)
-                for stage in sorted(set(due)):
-                    self.kill_stage(stage, step)
+                # Steps are never skipped on purpose, but a kill due at an earlier step still happens.
+                for due in [s for s in schedule if done < s <= step]:
+                    for stage in schedule[due]:
+                        self.kill_stage(stage, step)
+                done = max(done, step)
 
     def train_command(self) -> list[str]:
         layout = self.layout

@@ -85,6 +85,8 @@ class StagePeer:
         self._background: set[asyncio.Task] = set()
         self._step_anchored = False  # True once this copy has stepped or copied a replica: its step is real
         self.recovery_timing: dict[str, float] = {}
+        self.head_copy: StateSnapshot | None = None  # the trainer's embedding and head, kept for a new trainer
+        self._grad_session = ""  # the trainer run whose gradients are accumulated now
         self._last_applied: int | None = None  # the step last applied, so a retried step call is idempotent
 
     # --- obtaining weights -------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ class StagePeer:
         self.recovered_from = [f"{s}:{peer}" for s, (peer, _) in zip(plan.sources, downloads)]
         self.recovery_timing = {"download": round(downloaded - started, 4), "rebuild": round(averaged - downloaded, 4)}
         if plan.sources:
-            weights = source_weights(plan.kind, norms) if plan.kind != "copy" else [1.0]
+            weights = source_weights(plan.kind, norms) if len(plan.sources) > 1 else [1.0]
             described = " and ".join(f"stage {s} (peer {peer}, grad norm {snap.grad_norm}, weight {w:.3f})"
                                      for s, (peer, snap), w in zip(plan.sources, downloads, weights))
             logger.info(f"stage {self.stage}: rebuilt by {plan.kind} from {described} at step {self.current_step}; "
@@ -184,6 +186,7 @@ class StagePeer:
         if grad_output.shape != hidden.shape:
             raise RequestRefused(BAD_REQUEST, f"grad_output shape {tuple(grad_output.shape)} differs from hidden "
                                               f"shape {tuple(hidden.shape)}")
+        await self._adopt_session(request.session)
         if request.microbatch in self._input_grads:  # a retry of a backward already accumulated
             return self._input_grads[request.microbatch]
         tokens = hidden.shape[0] * hidden.shape[1]
@@ -200,10 +203,12 @@ class StagePeer:
             if self._last_applied == request.step:
                 return StepReply(self.current_step, self.grad_norm or 0.0)  # already applied: the caller retried
             self._check_step(request.step)
+            await self._adopt_session(request.session)
             own = await self._own_grads(request.step)
             others = [p for p in sorted(request.group) if p != self.peer_id]
             results = await asyncio.gather(
-                *[self.client.fetch_grads(p, self.stage, request.step, self.request_timeout) for p in others],
+                *[self.client.fetch_grads(p, self.stage, request.step, self.request_timeout, request.session)
+                  for p in others],
                 return_exceptions=True,
             )
             failed = [p for p, r in zip(others, results) if isinstance(r, BaseException)]
@@ -242,7 +247,30 @@ class StagePeer:
         if self._grads_cache is not None and self._grads_cache[0] == request.step:
             return self._grads_cache[1]
         self._check_step(request.step)
+        await self._adopt_session(request.session)
         return await self._own_grads(request.step)
+
+    async def store_head(self, state: StateSnapshot) -> None:
+        if state.stage != 0:
+            raise RequestRefused(BAD_REQUEST, f"a head copy is stage 0, got stage {state.stage}")
+        if self.head_copy is None or state.step >= self.head_copy.step:
+            self.head_copy = state
+
+    async def export_head(self) -> StateSnapshot:
+        if self.head_copy is None:
+            raise RequestRefused(NOT_READY, "this peer holds no copy of the embedding and head")
+        return self.head_copy
+
+    async def _adopt_session(self, session: str) -> None:
+        """Gradients belong to one trainer run: a new trainer's first request drops what a dead one left behind."""
+        if session == self._grad_session:
+            return
+        if self._input_grads or self._grads_cache is not None:
+            logger.warning(f"stage {self.stage}: a new trainer took over; dropping {len(self._input_grads)} "
+                           "microbatch(es) of gradients from the previous one")
+        self._grad_session = session
+        self._reset_step_buffers()
+        await self._compute(self.optimizer.zero_grad, True)
 
     # --- helpers -----------------------------------------------------------------------------------------
 

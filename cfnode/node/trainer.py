@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from cfnode.data import TextDataset, load_corpus
 from cfnode.model import build_head
 from cfnode.node.events import EventLog
 from cfnode.node.routing import Backoff, Router, StageUnavailable
+from cfnode.node.stage_state import load_snapshot, snapshot
 from cfnode.node.swarm_map import swarm_step
 from cfnode.protocol.messages import (
     BAD_REQUEST,
@@ -45,6 +47,7 @@ from cfnode.protocol.messages import (
 )
 from cfnode.protocol.service import StageClient
 from cfnode.protocol.validation import validate_hidden
+from cfnode.recovery.schedule import microbatch_routes
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -83,6 +86,7 @@ class Trainer:
         self._known_step: dict[str, int] = {}  # peer -> step it confirmed (fresher than its announcement)
         self._lost_since: dict[int, float] = {}  # stage -> when it was found without a usable peer
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="trainer-compute")
+        self.session = secrets.token_hex(8)  # tells stage peers which trainer's gradients they accumulate
 
     # --- the run -------------------------------------------------------------------------------------------
 
@@ -91,6 +95,8 @@ class Trainer:
         try:
             await self._wait_for_all_stages()
             self.step = swarm_step(self.router.stage_map)
+            if self.step > 0:
+                await self._restore_head()
             first_step, last_loss, val_loss = self.step, float("nan"), None
             logger.info(f"training steps {self.step + 1}..{self.step + self.config.steps} over "
                         f"{self.spec.num_stages} stages; {self.dataset.train_tokens:,} training tokens")
@@ -125,10 +131,15 @@ class Trainer:
         inputs, targets = self.dataset.sample_batch(self.config.batch_size, self.generator)
         self._sent = {s: {} for s in range(1, self.spec.num_stages + 1)}
         chunks = zip(inputs.chunk(self.config.microbatches), targets.chunk(self.config.microbatches))
-        losses = await asyncio.gather(*[self._microbatch(i, x, y) for i, (x, y) in enumerate(chunks)])
+        routes = microbatch_routes(self.spec.num_stages, self.config.microbatches, self.spec.recovery,
+                                   self.spec.swap_fraction)
+        losses = await asyncio.gather(*[self._microbatch(i, x, y, route)
+                                        for i, ((x, y), route) in enumerate(zip(chunks, routes))])
         await asyncio.gather(*[self._step_stage(s) for s in range(1, self.spec.num_stages + 1)])
         await self._compute(self._step_head)
         self.step += 1
+        if self.spec.head_copy_every and self.step % self.spec.head_copy_every == 0:
+            await self._copy_head_to_edges()
         return sum(losses) / len(losses)
 
     async def evaluate(self) -> float:
@@ -142,16 +153,17 @@ class Trainer:
 
     # --- one microbatch ------------------------------------------------------------------------------------
 
-    async def _microbatch(self, index: int, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    async def _microbatch(self, index: int, inputs: torch.Tensor, targets: torch.Tensor, route: list[int]) -> float:
+        """Forward through the stages in `route` order (1..S, or CheckFree+'s swap), then backward in reverse."""
         embedded = await self._compute(self._embed, inputs, True)  # keeps its graph for the embedding's grad
         hidden = embedded.detach()
-        stage_inputs = []
-        for stage in range(1, self.spec.num_stages + 1):
-            stage_inputs.append(hidden)
+        stage_inputs: dict[int, torch.Tensor] = {}
+        for stage in route:
+            stage_inputs[stage] = hidden
             _, hidden = await self._forward(stage, index, hidden)
         loss, grad = await self._compute(self._head_backward, hidden, targets)
-        for stage in range(self.spec.num_stages, 0, -1):
-            hidden_in = stage_inputs[stage - 1]
+        for stage in reversed(route):
+            hidden_in = stage_inputs[stage]
             peer, grad_in = await self._backward(stage, index, hidden_in, grad)
             self._sent[stage][index] = SentBackward(peer, hidden_in, grad)
             grad = grad_in
@@ -169,7 +181,7 @@ class Trainer:
 
     async def _backward(self, stage: int, microbatch: int, hidden: torch.Tensor,
                         grad_output: torch.Tensor) -> tuple[str, torch.Tensor]:
-        request = BackwardRequest(stage, self.step, microbatch, hidden, grad_output)
+        request = BackwardRequest(stage, self.step, microbatch, hidden, grad_output, self.session)
 
         async def call(peer: str) -> torch.Tensor:
             grad_input = await self.client.backward(peer, request, self.config.request_timeout)
@@ -200,7 +212,7 @@ class Trainer:
                 await self._replay(stage, [])
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            request = StepRequest(stage, self.step, sorted(group))
+            request = StepRequest(stage, self.step, sorted(group), self.session)
             replies = await asyncio.gather(
                 *[self.client.step(p, request, self.config.request_timeout) for p in request.group],
                 return_exceptions=True,
@@ -313,6 +325,45 @@ class Trainer:
                 raise StageUnavailable(f"stages {missing} have no online peer after {self.config.stage_timeout:.0f} s")
             logger.info(f"waiting for stages {missing} to come online")
             await asyncio.sleep(backoff.next_delay())
+
+    # --- copies of the embedding and head at the edge stages ----------------------------------------------
+
+    def _edge_peers(self) -> list[tuple[int, str]]:
+        edges = sorted({1, self.spec.num_stages})
+        return [(stage, p.peer_id) for stage in edges for p in self.router.usable(stage)]
+
+    async def _copy_head_to_edges(self) -> None:
+        """Leave the embedding, final norm and head (with their optimiser state) with the peers of stages 1 and S,
+        so a trainer that starts after this one dies continues from them instead of from scratch."""
+        state = await self._compute(snapshot, 0, self.step, self.grad_norms.get(0), self.head, self.optimizer)
+        peers = self._edge_peers()
+        results = await asyncio.gather(*[self.client.put_head(peer, state, self.config.request_timeout)
+                                         for _, peer in peers], return_exceptions=True)
+        stored = [f"{stage}:{peer}" for (stage, peer), r in zip(peers, results) if not isinstance(r, BaseException)]
+        for (stage, peer), result in zip(peers, results):
+            if isinstance(result, BaseException):
+                logger.warning(f"copying the head to stage {stage} peer {peer} failed: {_describe(result)}")
+        self.events.emit("head_copied", step=self.step, peers=stored)
+
+    async def _restore_head(self) -> None:
+        """Continue from the newest copy of the embedding and head that the edge stages hold, if any."""
+        peers = self._edge_peers()
+        results = await asyncio.gather(*[self.client.get_head(peer, self.config.request_timeout)
+                                         for _, peer in peers], return_exceptions=True)
+        copies = [(r, f"{stage}:{peer}") for (stage, peer), r in zip(peers, results)
+                  if not isinstance(r, BaseException)]
+        for state, source in sorted(copies, key=lambda c: -c[0].step):
+            try:
+                await self._compute(load_snapshot, state, self.head, self.optimizer)
+            except ProtocolError as e:
+                logger.warning(f"head copy from {source} does not fit this run: {e}")
+                continue
+            logger.info(f"restored the embedding and head from {source} (copied at step {state.step}; "
+                        f"the swarm is at step {self.step})")
+            self.events.emit("head_restored", step=self.step + 1, source=source, copied_at=state.step)
+            return
+        logger.warning(f"the swarm is at step {self.step} but no edge stage holds a copy of the embedding and head; "
+                       "starting them from the run spec's seed")
 
     # --- local compute (one worker thread: the head's autograd is not shared between threads) --------------
 

@@ -170,6 +170,13 @@ def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> An
     return value
 
 
+def _session(meta: dict[str, Any]) -> str:
+    session = meta.get("session", "")
+    if not isinstance(session, str) or len(session) > 128:
+        raise ProtocolError("field 'session' must be a short string")
+    return session
+
+
 def _tensors(envelope: Envelope, count: int, what: str) -> list[torch.Tensor]:
     if len(envelope.tensors) != count:
         raise ProtocolError(f"{what} expects {count} tensor(s), got {len(envelope.tensors)}")
@@ -200,9 +207,10 @@ class BackwardRequest:
     microbatch: int
     hidden: torch.Tensor  # (B, T, C) the same input the forward saw; the peer recomputes from it
     grad_output: torch.Tensor  # (B, T, C) gradient of the loss w.r.t. the stage output
+    session: str = ""  # the trainer run; gradients a previous trainer left half-accumulated are dropped
 
     def envelope(self) -> Envelope:
-        meta = {"stage": self.stage, "step": self.step, "microbatch": self.microbatch}
+        meta = {"stage": self.stage, "step": self.step, "microbatch": self.microbatch, "session": self.session}
         return Envelope(meta, [self.hidden, self.grad_output])
 
     @classmethod
@@ -210,7 +218,7 @@ class BackwardRequest:
         meta = envelope.meta
         hidden, grad_output = _tensors(envelope, 2, "backward")
         return cls(_field(meta, "stage", int), _field(meta, "step", int), _field(meta, "microbatch", int),
-                   hidden, grad_output)
+                   hidden, grad_output, _session(meta))
 
 
 @dataclass
@@ -220,9 +228,10 @@ class StepRequest:
     stage: int
     step: int
     group: list[str]
+    session: str = ""
 
     def envelope(self) -> Envelope:
-        return Envelope({"stage": self.stage, "step": self.step, "group": list(self.group)})
+        return Envelope({"stage": self.stage, "step": self.step, "group": list(self.group), "session": self.session})
 
     @classmethod
     def parse(cls, envelope: Envelope) -> StepRequest:
@@ -230,7 +239,7 @@ class StepRequest:
         group = _field(meta, "group", list)
         if not group or not all(isinstance(p, str) for p in group) or len(group) > 1024:
             raise ProtocolError("group must be a non-empty list of peer ids")
-        return cls(_field(meta, "stage", int), _field(meta, "step", int), group)
+        return cls(_field(meta, "stage", int), _field(meta, "step", int), group, _session(meta))
 
 
 @dataclass
@@ -253,16 +262,19 @@ class StageRequest:
     stage: int
     step: int = 0
     weights_only: bool = False  # a state download without the optimiser state (for rebuilding another stage)
+    session: str = ""  # gradient fetches: the trainer run whose gradients are wanted
 
     def envelope(self) -> Envelope:
-        return Envelope({"stage": self.stage, "step": self.step, "weights_only": self.weights_only})
+        return Envelope({"stage": self.stage, "step": self.step, "weights_only": self.weights_only,
+                         "session": self.session})
 
     @classmethod
     def parse(cls, envelope: Envelope) -> StageRequest:
         weights_only = envelope.meta.get("weights_only", False)
         if not isinstance(weights_only, bool):
             raise ProtocolError("field 'weights_only' must be a boolean")
-        return cls(_field(envelope.meta, "stage", int), _field(envelope.meta, "step", int), weights_only)
+        return cls(_field(envelope.meta, "stage", int), _field(envelope.meta, "step", int), weights_only,
+                   _session(envelope.meta))
 
 
 @dataclass

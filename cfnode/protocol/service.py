@@ -72,6 +72,10 @@ class StageBackend(Protocol):
 
     async def export_grads(self, request: StageRequest) -> list[torch.Tensor]: ...
 
+    async def store_head(self, state: StateSnapshot) -> None: ...
+
+    async def export_head(self) -> StateSnapshot: ...
+
 
 class StageService(ServicerBase):
     def __init__(self, backend: StageBackend):
@@ -118,6 +122,22 @@ class StageService(ServicerBase):
             return Envelope({"step": parsed.step}, await self.backend.export_grads(parsed))
 
         for message in to_chunks(await _guarded(handle, "fetch_grads"), Response):
+            yield message
+
+    async def rpc_put_head(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        """The trainer's copy of the embedding, final norm and head (stage 0) for this peer to keep."""
+        async def handle() -> Envelope:
+            await self.backend.store_head(StateSnapshot.parse(await from_chunks(requests, MAX_STATE_BYTES)))
+            return Envelope({})
+
+        for message in to_chunks(await _guarded(handle, "put_head"), Response):
+            yield message
+
+    async def rpc_get_head(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
+        async def handle() -> Envelope:
+            return (await self.backend.export_head()).envelope()
+
+        for message in to_chunks(await _guarded(handle, "get_head"), Response):
             yield message
 
 
@@ -192,9 +212,16 @@ class StageClient:
         envelope = StageRequest(stage, weights_only=weights_only).envelope()
         return StateSnapshot.parse(await self._server_stream("rpc_download_state", peer_id, envelope, timeout))
 
-    async def fetch_grads(self, peer_id: str, stage: int, step: int, timeout: float) -> list[torch.Tensor]:
-        envelope = StageRequest(stage, step).envelope()
+    async def fetch_grads(self, peer_id: str, stage: int, step: int, timeout: float,
+                          session: str = "") -> list[torch.Tensor]:
+        envelope = StageRequest(stage, step, session=session).envelope()
         return (await self._server_stream("rpc_fetch_grads", peer_id, envelope, timeout)).tensors
+
+    async def put_head(self, peer_id: str, state: StateSnapshot, timeout: float) -> None:
+        await self._stream("rpc_put_head", peer_id, state.envelope(), timeout)
+
+    async def get_head(self, peer_id: str, timeout: float) -> StateSnapshot:
+        return StateSnapshot.parse(await self._server_stream("rpc_get_head", peer_id, Envelope({}), timeout))
 
 
 def _single_tensor(envelope: Envelope, what: str) -> torch.Tensor:

@@ -40,6 +40,8 @@ def plan_rebuild(stage: int, num_stages: int, live: set[int], mode: str, trained
     - `random`: fresh weights as well (the paper's baseline);
     - `checkfree` / `uniform`: average the nearest live stage on each side; with only one side (an edge stage,
       or every stage on the other side lost), copy that one;
+    - `checkfree+`: as checkfree, except that a lost edge stage (1 or S) copies its neighbour (2 or S-1), which
+      the swap schedule trained to stand in for it;
     - `copy`: copy the previous live stage (the next one for stage 1).
     """
     if not 1 <= stage <= num_stages:
@@ -62,6 +64,9 @@ def plan_rebuild(stage: int, num_stages: int, live: set[int], mode: str, trained
         raise ValueError(f"unknown recovery mode {mode!r}")
     if below is None or above is None:
         only = below if below is not None else above
+        if mode == "checkfree+" and stage in (1, num_stages) and abs(only - stage) == 1:
+            # The swap schedule trained this neighbour to stand in for the lost edge stage: copy it exactly.
+            return RebuildPlan(stage, "checkfree+", (only,), tuple(warnings))
         edge = "an edge stage" if stage in (1, num_stages) else "a stage with live stages on one side only"
         warnings.append(f"stage {stage} is {edge}: copying stage {only}, its only live neighbour")
         return RebuildPlan(stage, "copy", (only,), tuple(warnings))
@@ -118,6 +123,6 @@ def rebuild_weights(
         return {k: v.clone() for k, v in fresh_state.items()}
     if len(source_states) != len(plan.sources):
         raise ValueError(f"plan has {len(plan.sources)} sources but {len(source_states)} states were given")
-    if plan.kind == "copy":
+    if plan.kind in ("copy", "checkfree+"):
         return {k: v.clone() for k, v in source_states[0].items()}
     return weighted_average(source_states, source_weights(plan.kind, grad_norms))

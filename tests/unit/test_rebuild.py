@@ -119,3 +119,18 @@ def test_fresh_and_random_use_the_fresh_state():
         out = rebuild_weights(plan, [], [], fresh)
         assert torch.equal(out["x"], fresh["x"]) and out["x"] is not fresh["x"]
     assert math.isclose(sum(source_weights("checkfree", [0.3, 0.7])), 1.0)
+
+
+def test_checkfree_plus_copies_the_edge_neighbour_exactly():
+    first = plan_rebuild(1, 4, {2, 3, 4}, "checkfree+", trained=True)
+    assert (first.kind, first.sources, first.warnings) == ("checkfree+", (2,), ())
+    last = plan_rebuild(4, 4, {1, 2, 3}, "checkfree+", trained=True)
+    assert (last.kind, last.sources) == ("checkfree+", (3,))
+    # Intermediate stages still average their neighbours.
+    assert plan_rebuild(2, 4, {1, 3, 4}, "checkfree+", trained=True).kind == "checkfree"
+    # The stand-in neighbour is lost as well: fall back to copying the nearest live stage, with a warning.
+    far = plan_rebuild(1, 4, {3, 4}, "checkfree+", trained=True)
+    assert far.kind == "copy" and far.sources == (3,) and far.warnings
+    neighbour = {"x": torch.randn(4)}
+    copied = rebuild_weights(first, [neighbour], [0.5], fresh_state={})
+    assert torch.equal(copied["x"], neighbour["x"])
