@@ -262,3 +262,11 @@ def test_train_config_refuses(changes, pattern):
 
 def test_train_config_accepts_zero_ban():
     assert TrainConfig(network=NetworkConfig(), ban_seconds=0).ban_seconds == 0
+
+
+def test_shipped_examples_load_and_demo_lists_the_defaults():
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    assert RunSpec.from_file(examples / "demo.toml") == RunSpec()
+    assert RunSpec.from_file(examples / "tiny.yaml").num_stages == 3
