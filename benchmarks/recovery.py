@@ -325,9 +325,11 @@ def _wait(condition, timeout: float, what: str, poll: float = 0.05):
 
 
 def _first(events: list[dict[str, Any]], kind: str, after: float, stage: int | None = None) -> dict[str, Any] | None:
+    """The first event of `kind` logged at or after unix time `after` (for `stage`, if given)."""
     for event in events:
-        if event.get("event") == kind and event.get("time", 0) >= after and (stage is None or event.get("stage") ==
-                                                                               stage):
+        if event.get("event") != kind or event.get("time", 0) < after:
+            continue
+        if stage is None or event.get("stage") == stage:
             return event
     return None
 
@@ -397,7 +399,10 @@ def run_size(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         result["error"] = str(e)
         print(f"  FAILED: {e}; logs in {workdir}", file=sys.stderr, flush=True)
     finally:
-        stop_all(swarm.children)
+        # The trainer first: peers leaving under a live trainer would log one more stage_lost.
+        trainers = [c for c in swarm.children if c.name == "trainer"]
+        stop_all(trainers)
+        stop_all([c for c in swarm.children if c not in trainers])
         follower.poll()
     result["events"] = {}
     for event in follower.events:

@@ -83,6 +83,7 @@ class StagePeer:
         self._grads_cache: tuple[int, list[torch.Tensor]] | None = None  # (step, summed-over-microbatches grads)
         self._resync_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        self._announce_lock = asyncio.Lock()
         self._step_anchored = False  # True once this copy has stepped or copied a replica: its step is real
         self.recovery_timing: dict[str, float] = {}
         self.head_copy: StateSnapshot | None = None  # the trainer's embedding and head, kept for a new trainer
@@ -127,7 +128,7 @@ class StagePeer:
         downloaded = time.perf_counter()
         snapshots = [snap for _, snap in downloads]
         norms = [snap.grad_norm for snap in snapshots]
-        fresh = build_body_stage(self.spec, self.stage).state_dict()
+        fresh = build_body_stage(self.spec, self.stage).state_dict() if not plan.sources else {}
         new_state = await self._compute(rebuild_weights, plan, [model_state(s) for s in snapshots], norms, fresh)
         async with self._state_lock:
             await self._compute(self.model.load_state_dict, new_state)
@@ -382,10 +383,13 @@ class StagePeer:
         )
 
     async def announce(self) -> None:
-        record = self.announcement().to_wire()
-        expiration = get_dht_time() + self.spec.announce_ttl
-        ok = await self.dht.store(stage_key(self.spec.run_id, self.stage), record, expiration,
-                                  subkey=self.peer_id, return_future=True)
+        # One announcement at a time: the DHT keeps a subkey's value with the latest expiration, so two racing
+        # stores would have the older record win or the newer one refused.
+        async with self._announce_lock:
+            record = self.announcement().to_wire()
+            expiration = get_dht_time() + self.spec.announce_ttl
+            ok = await self.dht.store(stage_key(self.spec.run_id, self.stage), record, expiration,
+                                      subkey=self.peer_id, return_future=True)
         if not ok:
             logger.warning(f"stage {self.stage}: announcement was not stored")
 
@@ -418,7 +422,7 @@ async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec, clien
         if not 1 <= config.stage <= spec.num_stages:
             raise ValueError(f"stage {config.stage} does not exist: this run has stages 1..{spec.num_stages}")
         return config.stage
-    await asyncio.sleep(random.uniform(0, 1.0))
+    await asyncio.sleep(random.uniform(0, 0.3))
     stage_map = await live_stage_map(dht, spec, client)
     return choose_stage(stage_map, spec.num_stages)
 
