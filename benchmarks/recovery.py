@@ -65,6 +65,7 @@ from hivemind.utils.streaming import split_for_streaming
 from cfnode.config import RunSpec
 from cfnode.launcher import Child, LocalSwarm, SwarmLayout, kill_group, spawn, stop_all
 from cfnode.model import build_body_stage, count_parameters
+from cfnode.node.events import EventFollower
 from cfnode.protocol.messages import CHUNK_BYTES, Envelope, from_chunks, to_chunks
 
 MiB = 2**20
@@ -234,37 +235,6 @@ def measure_imports(trials: int = 2) -> dict[str, Any]:
 # --- following the swarm's logs ----------------------------------------------------------------------------------
 
 
-class EventFollower:
-    """Every complete JSON line the trainer has appended so far."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.offset = 0
-        self.events: list[dict[str, Any]] = []
-
-    def poll(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except OSError:
-            return []
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        new = []
-        for line in complete.splitlines():
-            try:
-                new.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        self.events.extend(new)
-        return new
-
-    def last_step(self) -> int:
-        steps = [e["step"] for e in self.events if e.get("event") == "step"]
-        return max(steps, default=0)
-
-
 def log_time(line: str) -> float | None:
     """Unix time of a hivemind log line ("Nov 27 14:59:36.518 [INFO] ..."), local time, this year."""
     match = LOG_STAMP.match(line)
@@ -311,6 +281,10 @@ class NewcomerLog:
         if mark is None:
             return None
         return mark["log_time"] if mark["log_time"] is not None else mark["seen_at"]
+
+
+def last_step(follower: EventFollower) -> int:
+    return max((e["step"] for e in follower.events if e.get("event") == "step"), default=0)
 
 
 def _wait(condition, timeout: float, what: str, poll: float = 0.05):
@@ -377,7 +351,7 @@ def run_size(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         def reached(step: int):
             trainer_alive()
             follower.poll()
-            return follower.last_step() >= step
+            return last_step(follower) >= step
 
         _wait(lambda: reached(args.steps_before_kill), args.start_timeout, f"step {args.steps_before_kill}")
         result["start_to_first_kill_s"] = round(time.time() - started, 2)
@@ -391,7 +365,7 @@ def run_size(name: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
             record["cycle"] = cycle
             result["cycles"].append(record)
             print_cycle(name, record)
-            target = follower.last_step() + args.steps_between
+            target = last_step(follower) + args.steps_between
             _wait(lambda target=target: reached(target), args.recovery_timeout, f"step {target}")
         result["ok"] = True
     except (TimeoutError, RuntimeError) as e:
@@ -417,7 +391,7 @@ def kill_and_recover(swarm: LocalSwarm, follower: EventFollower, trainer_alive, 
     victims = [c for c in swarm.peers if c.process.poll() is None and swarm.stage_of(c) == stage]
     if not victims:
         raise RuntimeError(f"no live peer of stage {stage} to kill")
-    step_at_kill = follower.last_step()
+    step_at_kill = last_step(follower)
     t_kill = time.time()
     for child in victims:
         kill_group(child)

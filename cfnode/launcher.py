@@ -22,6 +22,7 @@ from typing import IO
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import RunSpec
+from cfnode.node.events import EventFollower
 from cfnode.recovery.failures import failure_schedule
 
 logger = get_logger(__name__)
@@ -172,10 +173,10 @@ class LocalSwarm:
         layout = self.layout
         schedule = failure_schedule(layout.spec.num_stages, layout.steps, layout.churn, layout.churn_seed,
                                     layout.kills)
-        follower = StepFollower(events_path)
+        follower = EventFollower(events_path)
         done = 0
         while not stop.wait(0.1):
-            for step in follower.new_steps():
+            for step in [int(e["step"]) for e in follower.poll() if e.get("event") == "step"]:
                 # Steps are never skipped on purpose, but a kill due at an earlier step still happens.
                 for due in [s for s in schedule if done < s <= step]:
                     for stage in schedule[due]:
@@ -231,33 +232,6 @@ def _tee(stream: IO[bytes], log_path: Path) -> None:
             log.flush()
             sys.stdout.buffer.write(line)
             sys.stdout.flush()
-
-
-class StepFollower:
-    """Reads the step numbers the trainer appends to its JSON lines file, a complete line at a time."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.offset = 0
-
-    def new_steps(self) -> list[int]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except OSError:
-            return []
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        steps = []
-        for line in complete.splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if event.get("event") == "step":
-                steps.append(int(event["step"]))
-        return steps
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
