@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,9 @@ def network_options(fn: Callable) -> Callable:
                      help="Private key file; created if missing. Keeps the peer id across restarts."),
         click.option("--announce-maddr", "announce_maddrs", multiple=True, envvar="CFNODE_ANNOUNCE_MADDRS",
                      help="Multiaddr other peers should dial to reach this one (behind NAT); repeatable."),
+        click.option("--announce-host", envvar="CFNODE_ANNOUNCE_HOST",
+                     help="Address (or hostname, resolved here) other peers should dial to reach this one; needs a "
+                          "fixed --port and announces /ip4/HOST/tcp/PORT. For --host 0.0.0.0, containers, NAT."),
         click.option("--run-id", default="cfnode", show_default=True, envvar="CFNODE_RUN_ID",
                      help="Name of the run; several runs can share one DHT."),
         click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
@@ -81,10 +85,18 @@ def _network(kw: dict[str, Any], client_mode: bool = False, require_peers: bool 
     peers = tuple(p for item in kw.pop("initial_peers") for p in item.split())
     if require_peers and not peers:
         raise click.UsageError("--initial-peers is required (the bootstrap's multiaddr; env CFNODE_INITIAL_PEERS)")
+    announce, announce_host, port = list(kw.pop("announce_maddrs")), kw.pop("announce_host"), kw.pop("port")
+    if announce_host:
+        from cfnode.node.dht import announce_maddr
+
+        try:
+            announce.append(announce_maddr(announce_host, port))
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     _setup_logging(kw.pop("log_level"))
     return NetworkConfig(
-        initial_peers=peers, host=kw.pop("host"), port=kw.pop("port"), identity_path=kw.pop("identity"),
-        announce_maddrs=tuple(kw.pop("announce_maddrs")), client_mode=client_mode, run_id=kw.pop("run_id"),
+        initial_peers=peers, host=kw.pop("host"), port=port, identity_path=kw.pop("identity"),
+        announce_maddrs=tuple(announce), client_mode=client_mode, run_id=kw.pop("run_id"),
         connect_timeout=kw.pop("connect_timeout"),
     )
 
@@ -130,14 +142,16 @@ def _parse_stage(value: str) -> int | None:
               type=click.Choice(["cpu", "cuda"]), help="Where this stage computes.")
 @click.option("--request-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds for this peer's own calls (state download, gradient exchange).")
-def join(stage: str, device: str, request_timeout: float, **kw: Any) -> None:
+@click.option("--metrics-port", type=click.IntRange(1, 65535), envvar="CFNODE_METRICS_PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST: --host).")
+def join(stage: str, device: str, request_timeout: float, metrics_port: int | None, **kw: Any) -> None:
     """Serve one pipeline stage until stopped."""
     from cfnode.node.join import run_join
     from cfnode.node.runtime import run_role
 
     chosen = _parse_stage(stage)
     _check_device(device)
-    config = JoinConfig(_network(kw), chosen, device, request_timeout)
+    config = JoinConfig(_network(kw), chosen, device, request_timeout, metrics_port)
     _run("join", lambda: run_role(lambda: run_join(config)))
 
 
@@ -170,18 +184,22 @@ def _check_device(device: str) -> None:
               help="Seconds a peer whose call failed is skipped.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order.")
+@click.option("--client-mode", is_flag=True,
+              help="Accept no incoming connections (a DHT client): for a trainer behind NAT or a firewall.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), envvar="CFNODE_METRICS_PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST: --host).")
 def train(steps: int, data_path: str | None, batch_size: int, microbatches: int, log_jsonl: str | None,
           eval_every: int, request_timeout: float, stage_timeout: float, ban_seconds: float, device: str, seed: int,
-          **kw: Any) -> None:
+          client_mode: bool, metrics_port: int | None, **kw: Any) -> None:
     """Train N steps through the swarm's stages."""
     from cfnode.node.runtime import run_role
     from cfnode.node.trainer import run_train
 
     _check_device(device)
     config = _run("train", lambda: TrainConfig(
-        network=_network(kw), steps=steps, data_path=data_path, batch_size=batch_size, microbatches=microbatches,
-        log_jsonl=log_jsonl, eval_every=eval_every, request_timeout=request_timeout, stage_timeout=stage_timeout,
-        ban_seconds=ban_seconds, device=device, seed=seed,
+        network=_network(kw, client_mode=client_mode), steps=steps, data_path=data_path, batch_size=batch_size,
+        microbatches=microbatches, log_jsonl=log_jsonl, eval_every=eval_every, request_timeout=request_timeout,
+        stage_timeout=stage_timeout, ban_seconds=ban_seconds, device=device, seed=seed, metrics_port=metrics_port,
     ))
     summary = _run("train", lambda: run_role(lambda: run_train(config)))
     click.echo(f"trained to step {summary['final_step']}: loss {summary['loss']:.4f}"
@@ -190,13 +208,28 @@ def train(steps: int, data_path: str | None, batch_size: int, microbatches: int,
 
 @main.command()
 @network_options
-@click.option("--json", "as_json", is_flag=True, help="Print the stage map as JSON.")
-def status(as_json: bool, **kw: Any) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the stage map as JSON (with --watch: one line each).")
+@click.option("--client-mode/--no-client-mode", default=True, show_default=True,
+              help="Accept no incoming connections (a DHT client), so status works from behind NAT.")
+@click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, metavar="[SECONDS]",
+              help="Redraw every SECONDS (default 2) until Ctrl-C, over one connection.")
+def status(as_json: bool, client_mode: bool, watch: float | None, **kw: Any) -> None:
     """Show every stage's peers; exit 1 if a stage has no live peer."""
     from cfnode.node.runtime import run_role
-    from cfnode.node.status import collect_status, render_table
+    from cfnode.node.status import collect_status, render_table, watch_status
 
-    network = _network(kw, client_mode=True)
+    network = _network(kw, client_mode=client_mode)
+    if watch is not None:
+        def show(report: dict[str, Any]) -> None:
+            if as_json:
+                click.echo(json.dumps(report))
+                return
+            if sys.stdout.isatty():
+                click.echo("\033[H\033[J", nl=False)  # clear the terminal: the table redraws in place
+            click.echo(f"{time.strftime('%H:%M:%S')}: every {watch:g} s, Ctrl-C to stop\n{render_table(report)}\n")
+
+        _run("status", lambda: run_role(lambda: watch_status(network, watch, show)))
+        return
     report = _run("status", lambda: run_role(lambda: collect_status(network)))
     click.echo(json.dumps(report, indent=2) if as_json else render_table(report))
     if any(not stage["online"] for stage in report["stages"]):
@@ -251,3 +284,72 @@ def swarm(stages: int | None, replicas: int, steps: int, data_path: str | None, 
                          churn=churn, churn_seed=churn_seed)
     code = _run("swarm", lambda: LocalSwarm(layout).run())
     sys.exit(code)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (see docs/benchmarks.md)."""
+
+
+def _comma_list(kind: type, choices: tuple[str, ...] | None = None) -> Callable[[Any, Any, str], list]:
+    def parse(ctx: Any, param: Any, value: str) -> list:
+        try:
+            items = [kind(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+        bad = [v for v in items if choices is not None and v not in choices]
+        if bad or not items:
+            raise click.BadParameter(f"choose from {', '.join(choices or ())}; got {value!r}")
+        return items
+
+    return parse
+
+
+@bench.command()
+@click.option("--methods", default="all", show_default=True,
+              help="Comma list of none, checkpoint, redundant, checkfree, checkfree+, uniform, copy, random, or all "
+                   "(with --backend swarm: checkfree).")
+@click.option("--failure-rates", "rates", default="0.05,0.10,0.16", show_default=True,
+              callback=_comma_list(float), help="Hourly failure rates per stage, comma list.")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Training steps per run.")
+@click.option("--target-loss", type=float, help="Target validation loss (default: the no-failure run's at 75% "
+                                                "of its steps).")
+@click.option("--data", "data_path", type=click.Path(exists=True),
+              help="Text file or folder of .txt files. Default: the built-in corpus.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the failures, data order and weights.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="churn-bench", show_default=True,
+              help="Where the table, plots, JSON and checkpoints go.")
+@click.option("--backend", type=click.Choice(["sim", "swarm"]), default="sim", show_default=True,
+              help="sim: one process; swarm: real processes on 127.0.0.1 for the live recovery modes.")
+@click.option("--step-hours", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Hours of training one step stands for: p = 1 - (1 - rate) ** step_hours per stage per step.")
+@click.option("--rejoin-seconds", type=click.FloatRange(min=0), default=6.0, show_default=True,
+              help="Detection + newcomer start-up charged per failure, the same for every method.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Steps between checkpoints (method checkpoint).")
+@click.option("--stages", type=click.IntRange(min=2), default=4, show_default=True)
+@click.option("--layers-per-stage", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--microbatches", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Validation loss every N iterations.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads.")
+def churn(methods: str, rates: list[float], steps: int, target_loss: float | None, data_path: str | None, seed: int,
+          out_dir: str, backend: str, step_hours: float, rejoin_seconds: float, checkpoint_every: int, stages: int,
+          layers_per_stage: int, hidden: int, seq_len: int, batch_size: int, microbatches: int, eval_every: int,
+          threads: int) -> None:
+    """Time to a target validation loss under stage failures, per recovery method (the paper's Table 2)."""
+    from cfnode.bench.churn import DEFAULT_SPEC, ChurnConfig, run_churn
+    from cfnode.bench.sim import METHODS
+
+    chosen = list(METHODS) if methods.strip() == "all" else _comma_list(str, METHODS)(None, None, methods)
+    if backend == "swarm" and methods.strip() == "all":
+        chosen = ["checkfree"]
+    spec = _run("bench churn", lambda: DEFAULT_SPEC.replace(num_stages=stages, layers_per_stage=layers_per_stage,
+                                                            hidden_size=hidden, seq_len=seq_len, seed=seed))
+    config = ChurnConfig(spec=spec, steps=steps, batch_size=batch_size, microbatches=microbatches,
+                         eval_every=eval_every, step_hours=step_hours, rejoin_seconds=rejoin_seconds,
+                         checkpoint_every=checkpoint_every, seed=seed, threads=threads)
+    _run("bench churn", lambda: run_churn(chosen, rates, config, data_path, Path(out_dir), backend, target_loss))

@@ -164,6 +164,7 @@ class JoinConfig:
     stage: int | None = None  # None: choose automatically
     device: str = "cpu"
     request_timeout: float = 30.0  # for the RPCs this peer makes (state download, gradient exchange)
+    metrics_port: int | None = None  # serve Prometheus metrics at http://<host>:<port>/metrics
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ class TrainConfig:
     ban_seconds: float = 15.0  # how long a failed peer is skipped
     device: str = "cpu"
     seed: int = 0  # data order
+    metrics_port: int | None = None  # serve Prometheus metrics at http://<host>:<port>/metrics
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -55,6 +57,28 @@ def _kill_children() -> None:
                 os.kill(int(pid), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+def announce_maddr(host: str, port: int) -> str:
+    """The multiaddr other peers should dial for `--announce-host HOST` and `--port PORT`.
+
+    HOST is an IP address or a name that resolves on this machine (a container's hostname does, to the
+    container's address); a name is resolved once, here, because peers elsewhere may not resolve it.
+    """
+    if not 0 < port <= 65535:
+        raise ValueError("--announce-host needs a fixed --port: other peers dial HOST at that port, and with "
+                         "--port 0 it is not known in advance")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as e:
+            raise ValueError(f"--announce-host {host!r} does not resolve: {e.strerror or e}") from None
+        address = ipaddress.ip_address(infos[0][4][0])
+    if address.is_unspecified:
+        raise ValueError(f"--announce-host must be an address other peers can dial, not {host}")
+    return f"/ip{address.version}/{address}/tcp/{port}"
 
 
 def start_dht(

@@ -8,6 +8,7 @@ import contextlib
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import JoinConfig
+from cfnode.node.metrics import PeerMetrics, serving
 from cfnode.node.runtime import connect, wait_forever
 from cfnode.node.stage_peer import StagePeer, live_stage_map, pick_stage
 from cfnode.node.swarm_map import read_spec
@@ -23,7 +24,10 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
         client = StageClient(p2p, spec.max_message_bytes)
         stage = await pick_stage(config, dht, spec, client)
         peer = StagePeer(spec, stage, p2p.peer_id.to_base58(), dht, client, config.device, config.request_timeout)
-        service = StageService(peer)
+        metrics = PeerMetrics(peer)
+        metrics_server = contextlib.ExitStack()  # bound first: a busy port fails before this peer announces
+        metrics_server.enter_context(serving(metrics.registry, config.network.host, config.metrics_port))
+        service = StageService(metrics.instrument(peer))
         await service.add_p2p_handlers(p2p)
         announcer = None
         try:
@@ -46,4 +50,5 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
             with contextlib.suppress(Exception):
                 await service.remove_p2p_handlers(p2p)
             peer.close()
+            metrics_server.close()
             logger.info(f"stage {stage}: left the swarm")

@@ -10,7 +10,7 @@ import hivemind
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import RunSpec
-from cfnode.node.swarm_map import StageMap, online, read_stage_map
+from cfnode.node.swarm_map import StageMap, merge_stage_maps, online, read_stage_map
 from cfnode.protocol.records import StageAnnouncement
 
 logger = get_logger(__name__)
@@ -51,7 +51,8 @@ class Router:
     async def refresh(self, max_age: float = 0.0) -> StageMap:
         async with self._refresh_lock:
             if time.monotonic() - self._refreshed_at > max_age:
-                self.stage_map = await read_stage_map(self.dht, self.spec)
+                fresh = await read_stage_map(self.dht, self.spec)
+                self.stage_map = merge_stage_maps(self.stage_map, fresh, self.spec.announce_ttl)
                 self._refreshed_at = time.monotonic()
         return self.stage_map
 

@@ -22,7 +22,7 @@ from cfnode.config import JoinConfig, RunSpec
 from cfnode.model import build_body_stage
 from cfnode.node.stage_choice import choose_stage
 from cfnode.node.stage_state import flat_grads, load_snapshot, make_optimizer, model_state, snapshot
-from cfnode.node.swarm_map import StageMap, online, read_stage_map, swarm_step
+from cfnode.node.swarm_map import StageMap, merge_stage_maps, online, read_stage_map, swarm_step
 from cfnode.protocol.keys import stage_key
 from cfnode.protocol.messages import (
     BAD_REQUEST,
@@ -429,8 +429,12 @@ async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec, clien
 
 async def live_stage_map(dht: hivemind.DHT, spec: RunSpec, client: StageClient, timeout: float = 3.0) -> StageMap:
     """The stage map without peers that no longer answer: a SIGKILLed peer's record outlives it by up to its TTL,
-    and a newcomer must see that stage as lost at once."""
-    stage_map = await read_stage_map(dht, spec)
+    and a newcomer must see that stage as lost at once.
+
+    The map is the union of two DHT reads: while a DHT node is unreachable (a host cut off, not a process
+    killed) a single read can time out on it and come back without live stages, and a newcomer that trusted
+    it would take a stage that has peers, or rebuild from one neighbour when it has two."""
+    stage_map = merge_stage_maps(await read_stage_map(dht, spec), await read_stage_map(dht, spec), spec.announce_ttl)
     peers = [p for records in stage_map.values() for p in records]
 
     async def answers(peer: StageAnnouncement) -> bool:

@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from hivemind.utils import get_dht_time
+from hivemind.utils.logging import get_logger
 
 from cfnode.config import NetworkConfig
 from cfnode.node.runtime import connect
 from cfnode.node.swarm_map import read_spec, read_stage_map
 from cfnode.protocol.records import PeerState
 
+logger = get_logger(__name__)
+
 
 async def collect_status(network: NetworkConfig) -> dict[str, Any]:
     async with connect(network) as (dht, _p2p):
         spec = await read_spec(dht, network.run_id, network.connect_timeout)
-        stage_map = await read_stage_map(dht, spec)
+        return await _report(dht, spec)
+
+
+async def watch_status(network: NetworkConfig, interval: float, show: Callable[[dict[str, Any]], None]) -> None:
+    """Connect once, then show a fresh report every `interval` seconds until cancelled (Ctrl-C)."""
+    async with connect(network) as (dht, _p2p):
+        spec = await read_spec(dht, network.run_id, network.connect_timeout)
+        while True:
+            try:
+                report = await _report(dht, spec)
+            except Exception as e:  # a DHT hiccup: say so and try again at the next refresh
+                logger.warning(f"could not read the stage map: {type(e).__name__}: {e}")
+            else:
+                show(report)
+            await asyncio.sleep(interval)
+
+
+async def _report(dht, spec) -> dict[str, Any]:
+    stage_map = await read_stage_map(dht, spec)
     now = get_dht_time()
     stages = []
     for stage, peers in sorted(stage_map.items()):

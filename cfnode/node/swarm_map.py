@@ -67,6 +67,24 @@ async def read_stage_map(dht: hivemind.DHT, spec: RunSpec) -> StageMap:
     return stage_map
 
 
+def merge_stage_maps(older: StageMap, newer: StageMap, ttl: float) -> StageMap:
+    """The union of two reads, the latest announcement per peer, without announcements older than `ttl`.
+
+    While a DHT node is unreachable (a host cut off rather than a process killed) one read can time out on it and
+    come back without live peers; a record is only gone when its TTL says so.
+    """
+    oldest = get_dht_time() - ttl
+    merged: StageMap = {}
+    for stage in sorted(set(older) | set(newer)):
+        latest: dict[str, StageAnnouncement] = {}
+        for record in [*older.get(stage, []), *newer.get(stage, [])]:
+            known = latest.get(record.peer_id)
+            if record.announced_at >= oldest and (known is None or record.announced_at >= known.announced_at):
+                latest[record.peer_id] = record
+        merged[stage] = sorted(latest.values(), key=lambda r: r.peer_id)
+    return merged
+
+
 def online(peers: list[StageAnnouncement]) -> list[StageAnnouncement]:
     return [p for p in peers if p.state == PeerState.ONLINE]
 

@@ -28,6 +28,7 @@ from cfnode.config import RunSpec, TrainConfig
 from cfnode.data import TextDataset, load_corpus
 from cfnode.model import build_head
 from cfnode.node.events import EventLog
+from cfnode.node.metrics import TrainerMetrics, serving
 from cfnode.node.routing import Backoff, Router, StageUnavailable
 from cfnode.node.stage_state import load_snapshot, snapshot
 from cfnode.node.swarm_map import swarm_step
@@ -79,6 +80,8 @@ class Trainer:
         self.router = Router(dht, spec, config.ban_seconds)
         self.client = StageClient(p2p, spec.max_message_bytes)
         self.events = EventLog(config.log_jsonl)
+        self.metrics = TrainerMetrics()
+        self.events.listeners.append(self.metrics.on_event)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.grad_norms: dict[int, float] = {}
@@ -214,7 +217,8 @@ class Trainer:
                 continue
             request = StepRequest(stage, self.step, sorted(group), self.session)
             replies = await asyncio.gather(
-                *[self.client.step(p, request, self.config.request_timeout) for p in request.group],
+                *[self.metrics.timed("step", self.client.step(p, request, self.config.request_timeout))
+                  for p in request.group],
                 return_exceptions=True,
             )
             applied = {p: r for p, r in zip(request.group, replies) if isinstance(r, StepReply)}
@@ -255,7 +259,7 @@ class Trainer:
 
     async def _call(self, stage: int, what: str, fn: Callable[[str], Awaitable[T]]) -> tuple[str, T]:
         """Run fn on a usable peer of the stage; on failure ban it and try another; wait while none is left."""
-        backoff = Backoff()
+        backoff = Backoff(0.1, 0.5)  # a lost stage is polled often: resuming promptly matters more than DHT load
         while True:
             peer = self.router.pick(stage)
             if peer is None:
@@ -266,7 +270,7 @@ class Trainer:
                 continue
             self.router.started(peer)
             try:
-                result = await _retry_cut_streams(fn, peer)
+                result = await self.metrics.timed(what, _retry_cut_streams(fn, peer))
             except RemoteError as e:
                 if e.code == BAD_REQUEST:
                     raise TrainerError(f"stage {stage} peer {peer} refused a {what} request: {e.message}") from None
@@ -421,7 +425,9 @@ async def run_train(config: TrainConfig) -> dict:
     async with connect(config.network) as (dht, p2p):
         spec = await read_spec(dht, config.network.run_id, config.network.connect_timeout)
         dataset = load_dataset(config, spec)
-        summary = await Trainer(config, spec, dht, p2p, dataset).run()
+        trainer = Trainer(config, spec, dht, p2p, dataset)
+        with serving(trainer.metrics.registry, config.network.host, config.metrics_port):
+            summary = await trainer.run()
         if not math.isfinite(summary["loss"]):
             raise TrainerError("training produced a non-finite loss")
         return summary
