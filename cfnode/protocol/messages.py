@@ -17,7 +17,8 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
-CHUNK_BYTES = 2**16
+CHUNK_BYTES = 2**16  # activations and gradients: small streams, where small chunks start sooner
+STATE_CHUNK_BYTES = 2**20  # weights and optimiser state: large streams, where fewer chunks move faster
 MAX_METADATA_BYTES = 2**20
 Message = TypeVar("Message", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
 
@@ -76,13 +77,14 @@ def unpack_meta(raw: bytes) -> dict[str, Any]:
     return meta
 
 
-def to_chunks(envelope: Envelope, message_type: type[Message], half_precision: bool = False) -> Iterator[Message]:
+def to_chunks(envelope: Envelope, message_type: type[Message], half_precision: bool = False,
+              chunk_bytes: int = CHUNK_BYTES) -> Iterator[Message]:
     """Encode an envelope as a stream: metadata in the first message, then the tensors' chunks in order."""
     compression = runtime_pb2.CompressionType.FLOAT16 if half_precision else runtime_pb2.CompressionType.NONE
     first = True
     for tensor in envelope.tensors:
         serialized = serialize_torch_tensor(tensor.detach(), compression)
-        for part in split_for_streaming(serialized, CHUNK_BYTES):
+        for part in split_for_streaming(serialized, chunk_bytes):
             yield message_type(tensors=[part], metadata=pack_meta(envelope.meta) if first else b"")
             first = False
     if first:

@@ -20,6 +20,7 @@ from hivemind.utils.logging import get_logger
 from cfnode.protocol.messages import (
     BAD_REQUEST,
     INTERNAL,
+    STATE_CHUNK_BYTES,
     TRUNCATED,
     BackwardRequest,
     Envelope,
@@ -113,7 +114,7 @@ class StageService(ServicerBase):
         async def handle() -> Envelope:
             return (await self.backend.export_state(StageRequest.parse(from_message(request)))).envelope()
 
-        for message in to_chunks(await _guarded(handle, "download_state"), Response):
+        for message in to_chunks(await _guarded(handle, "download_state"), Response, chunk_bytes=STATE_CHUNK_BYTES):
             yield message
 
     async def rpc_fetch_grads(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
@@ -121,7 +122,7 @@ class StageService(ServicerBase):
             parsed = StageRequest.parse(from_message(request))
             return Envelope({"step": parsed.step}, await self.backend.export_grads(parsed))
 
-        for message in to_chunks(await _guarded(handle, "fetch_grads"), Response):
+        for message in to_chunks(await _guarded(handle, "fetch_grads"), Response, chunk_bytes=STATE_CHUNK_BYTES):
             yield message
 
     async def rpc_put_head(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
@@ -137,7 +138,7 @@ class StageService(ServicerBase):
         async def handle() -> Envelope:
             return (await self.backend.export_head()).envelope()
 
-        for message in to_chunks(await _guarded(handle, "get_head"), Response):
+        for message in to_chunks(await _guarded(handle, "get_head"), Response, chunk_bytes=STATE_CHUNK_BYTES):
             yield message
 
 
