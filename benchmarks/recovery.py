@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--kill-stage", type=int, default=2, help="the stage whose peer is SIGKILLed")
+    parser.add_argument("--standby", action="store_true",
+                        help="start the newcomer before the kill, as a warm spare: cfnode join --stage auto --standby")
     parser.add_argument("--cycles", type=int, default=2, help="kill-and-recover cycles per size, in the same swarm")
     parser.add_argument("--steps-before-kill", type=int, default=5, help="trainer steps before the first kill")
     parser.add_argument("--steps-between", type=int, default=5,
@@ -391,6 +393,12 @@ def kill_and_recover(swarm: LocalSwarm, follower: EventFollower, trainer_alive, 
     victims = [c for c in swarm.peers if c.process.poll() is None and swarm.stage_of(c) == stage]
     if not victims:
         raise RuntimeError(f"no live peer of stage {stage} to kill")
+    if args.standby:
+        # A warm spare, started before the failure: it is connected and waiting when the stage is lost.
+        t_spawn = time.time()
+        newcomer = swarm.start_peer("auto", "--standby")
+        _wait(lambda: "standing by" in newcomer.log_path.read_text(errors="replace") if newcomer.log_path.exists()
+              else False, args.recovery_timeout, "the standby peer to be ready")
     step_at_kill = last_step(follower)
     t_kill = time.time()
     for child in victims:
@@ -398,8 +406,9 @@ def kill_and_recover(swarm: LocalSwarm, follower: EventFollower, trainer_alive, 
     for child in victims:
         child.process.wait(10)
     t_killed = time.time()
-    t_spawn = time.time()
-    newcomer = swarm.start_peer("auto")
+    if not args.standby:
+        t_spawn = time.time()
+        newcomer = swarm.start_peer("auto")
     log = NewcomerLog(newcomer)
 
     def done() -> bool:

@@ -144,14 +144,21 @@ def _parse_stage(value: str) -> int | None:
               help="Seconds for this peer's own calls (state download, gradient exchange).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), envvar="CFNODE_METRICS_PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST: --host).")
-def join(stage: str, device: str, request_timeout: float, metrics_port: int | None, **kw: Any) -> None:
+@click.option("--standby", is_flag=True, envvar="CFNODE_STANDBY",
+              help="With --stage auto: stay connected as a warm spare and take the first stage that loses "
+                   "every peer (no start-up delay when it happens).")
+def join(stage: str, device: str, request_timeout: float, metrics_port: int | None, standby: bool,
+         **kw: Any) -> None:
     """Serve one pipeline stage until stopped."""
     from cfnode.node.join import run_join
     from cfnode.node.runtime import run_role
 
     chosen = _parse_stage(stage)
     _check_device(device)
-    config = JoinConfig(_network(kw), chosen, device, request_timeout, metrics_port)
+    if standby and chosen is not None:
+        raise click.BadParameter("a standby peer chooses its stage itself: use it with --stage auto",
+                                 param_hint="--standby")
+    config = JoinConfig(_network(kw), chosen, device, request_timeout, metrics_port, standby=standby)
     _run("join", lambda: run_role(lambda: run_join(config)))
 
 

@@ -165,6 +165,8 @@ class JoinConfig:
     device: str = "cpu"
     request_timeout: float = 30.0  # for the RPCs this peer makes (state download, gradient exchange)
     metrics_port: int | None = None  # serve Prometheus metrics at http://<host>:<port>/metrics
+    standby: bool = False  # with stage None: wait, connected, until a stage has no live peer, then rebuild it
+    standby_poll: float = 0.5  # seconds between a standby peer's looks at the stage map
 
 
 @dataclass(frozen=True)

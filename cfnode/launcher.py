@@ -138,13 +138,13 @@ class LocalSwarm:
         self.maddr = wait_for_maddr(maddr_path, bootstrap, timeout=60)
         return self.maddr
 
-    def start_peer(self, stage: int | str) -> Child:
+    def start_peer(self, stage: int | str, *extra: str) -> Child:
         index = len(self.peers)
         name = f"peer-{index}-stage-{stage}"
         # Peers log to files at info at least: stage_of() reads "joining stage N" from there.
         level = "debug" if self.layout.log_level == "debug" else "info"
         child = spawn(name, ["join", "--initial-peers", self.maddr, "--stage", str(stage),
-                             "--run-id", self.layout.spec.run_id, "--log-level", level],
+                             "--run-id", self.layout.spec.run_id, "--log-level", level, *extra],
                       self.workdir / f"{name}.log")
         self._record(child)
         self.peers.append(child)

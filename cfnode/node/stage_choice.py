@@ -10,6 +10,11 @@ def stage_capacity(peers: list[StageAnnouncement]) -> float:
     return sum(p.throughput for p in peers if p.state in (PeerState.ONLINE, PeerState.JOINING))
 
 
+def is_live(peers: list[StageAnnouncement]) -> bool:
+    """A stage is live while some peer serves it or is about to."""
+    return any(p.state in (PeerState.ONLINE, PeerState.JOINING) for p in peers)
+
+
 def choose_stage(stage_map: dict[int, list[StageAnnouncement]], num_stages: int) -> int:
     """A stage with no live peer first (lowest number), then the stage with the least throughput.
 

@@ -20,7 +20,7 @@ from hivemind.utils.logging import get_logger
 
 from cfnode.config import JoinConfig, RunSpec
 from cfnode.model import build_body_stage
-from cfnode.node.stage_choice import choose_stage
+from cfnode.node.stage_choice import choose_stage, is_live
 from cfnode.node.stage_state import flat_grads, load_snapshot, make_optimizer, model_state, snapshot
 from cfnode.node.swarm_map import StageMap, merge_stage_maps, online, read_stage_map, swarm_step
 from cfnode.protocol.keys import stage_key
@@ -422,6 +422,14 @@ async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec, clien
         if not 1 <= config.stage <= spec.num_stages:
             raise ValueError(f"stage {config.stage} does not exist: this run has stages 1..{spec.num_stages}")
         return config.stage
+    if config.standby:
+        # A warm spare: already connected and imported, it claims a lost stage as soon as one appears.
+        logger.info("standing by until a stage has no live peer")
+        while True:
+            stage_map = await live_stage_map(dht, spec, client)
+            if any(not is_live(stage_map.get(s, [])) for s in range(1, spec.num_stages + 1)):
+                return choose_stage(stage_map, spec.num_stages)
+            await asyncio.sleep(config.standby_poll)
     await asyncio.sleep(random.uniform(0, 0.3))
     stage_map = await live_stage_map(dht, spec, client)
     return choose_stage(stage_map, spec.num_stages)

@@ -63,3 +63,20 @@ def test_swarm_kill_schedule_rebuilds_the_stage(tmp_path):
     recovered = [e for e in events if e["event"] == "stage_recovered"]
     assert recovered and recovered[-1]["stage"] == 2 and recovered[-1]["source"] == "uniform"
     assert len(steps_of(events)) == 14
+
+
+def test_standby_peer_takes_over_a_lost_stage(swarm):
+    swarm.start_bootstrap()
+    peers = {stage: swarm.start_peer(stage) for stage in (1, 2, 3)}
+    swarm.wait_online({1: 1, 2: 1, 3: 1})
+    trainer, jsonl = swarm.start_trainer(14)
+    spare = swarm.start_peer("auto", "--standby")
+    wait_until(lambda: "standing by" in swarm.log(spare), 60, "the spare to stand by")
+    wait_until(lambda: len(steps_of(read_events(jsonl))) >= 5, 180, "5 training steps")
+    assert "joining stage" not in swarm.log(spare)  # nothing was lost yet: it waits
+    swarm.kill(peers[2])
+    assert trainer.process.wait(300) == 0, swarm.log(trainer)
+    assert "joining stage 2 of 3" in swarm.log(spare)
+    assert "serving stage 2 (source: checkfree" in swarm.log(spare)
+    recovered = [e for e in read_events(jsonl) if e["event"] == "stage_recovered"]
+    assert recovered and recovered[-1]["stage"] == 2 and recovered[-1]["source"] == "checkfree"
