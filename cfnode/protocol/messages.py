@@ -125,7 +125,7 @@ async def from_chunks(stream: AsyncIterator[Message], max_bytes: int) -> Envelop
                 tensors.append(_combine(pending, pending_parts))
                 pending = None
     if meta is None:
-        raise ProtocolError("empty message stream")
+        raise TruncatedStream("empty message stream")  # the daemon dropped the whole stream: worth a retry
     if pending is not None:
         raise TruncatedStream(f"truncated tensor: {len(pending_parts)} of {pending.chunks} chunks")
     return Envelope(meta, tensors)

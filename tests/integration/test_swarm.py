@@ -106,10 +106,10 @@ def test_trainer_waits_for_a_lost_stage_and_resumes(swarm):
     swarm.start_peer(2)
     assert trainer.process.wait(300) == 0, swarm.log(trainer)
     events = read_events(jsonl)
-    lost = [e for e in events if e["event"] == "stage_lost"]
-    recovered = [e for e in events if e["event"] == "stage_recovered"]
-    assert lost and lost[0]["stage"] == 2
-    assert recovered and recovered[-1]["stage"] == 2 and recovered[-1]["downtime"] > 0
+    # Only stage 2's events matter: a loaded machine can add a transient blip of another stage.
+    lost = [e for e in events if e["event"] == "stage_lost" and e["stage"] == 2]
+    recovered = [e for e in events if e["event"] == "stage_recovered" and e["stage"] == 2]
+    assert lost and recovered and recovered[-1]["downtime"] > 0
     assert len(steps_of(events)) == 16
     assert "stage 2 has no usable peer" in swarm.log(trainer)
 
