@@ -1,16 +1,6 @@
-import os
-
 import pytest
 
-from tests.integration.harness import Swarm, wait_until
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+from tests.integration.harness import Swarm, group_alive, wait_until
 
 
 @pytest.fixture
@@ -20,4 +10,4 @@ def swarm(tmp_path):
     harness.close()
     # Each child ran in its own process group with its DHT process and p2p daemon: all of them must be gone.
     groups = [child.process.pid for child in harness.children]
-    wait_until(lambda: not any(_group_alive(g) for g in groups), 15, "every process of the test to exit")
+    wait_until(lambda: not any(group_alive(g) for g in groups), 15, "every process of the test to exit")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from cfnode.launcher import cfnode_command
-from tests.integration.harness import wait_until
+from tests.integration.harness import group_alive, wait_until
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -117,14 +117,6 @@ def _groups(workdir) -> list[int]:
     return [entry["pid"] for entry in json.loads((workdir / "processes.json").read_text())]
 
 
-def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def test_swarm_command_trains_and_leaves_nothing_behind(tmp_path):
     workdir = tmp_path / "swarm"
     jsonl = tmp_path / "events.jsonl"
@@ -135,7 +127,7 @@ def test_swarm_command_trains_and_leaves_nothing_behind(tmp_path):
     assert len([line for line in jsonl.read_text().splitlines() if '"event": "step"' in line]) == 4
     groups = _groups(workdir)
     assert len(groups) == 4  # bootstrap, two peers, trainer
-    wait_until(lambda: not any(_alive(g) for g in groups), 15, "every swarm process to exit")
+    wait_until(lambda: not any(group_alive(g) for g in groups), 15, "every swarm process to exit")
 
 
 def test_swarm_stops_everything_on_ctrl_c(tmp_path):
@@ -150,7 +142,7 @@ def test_swarm_stops_everything_on_ctrl_c(tmp_path):
         assert process.wait(60) == 130
         assert time.monotonic() - started < 30
         groups = _groups(workdir)
-        wait_until(lambda: not any(_alive(g) for g in groups), 15, "every swarm process to exit")
+        wait_until(lambda: not any(group_alive(g) for g in groups), 15, "every swarm process to exit")
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
