@@ -18,6 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 RECOVERY_MODES = ("none", "checkfree", "checkfree+", "uniform", "copy", "random")
+MAX_STAGES = 256  # body stages a run may have; DHT validators know every stage key up to it
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,8 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_stages > MAX_STAGES:
+            raise ConfigError(f"num_stages must be at most {MAX_STAGES}, got {self.num_stages}")
         for name in ("lr", "grad_clip", "lr_scale", "announce_ttl", "max_message_mb"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
@@ -148,6 +151,11 @@ class NetworkConfig:
     client_mode: bool = False
     run_id: str = "cfnode"
     connect_timeout: float = 30.0  # bound on reaching the initial peers and finding the run spec
+
+    @property
+    def spec_owners(self) -> tuple[str, ...]:
+        """Peer ids trusted to sign the run spec: the initial peers' (one joins a run through its bootstrap)."""
+        return tuple(maddr.rsplit("/p2p/", 1)[1].strip("/") for maddr in self.initial_peers if "/p2p/" in maddr)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

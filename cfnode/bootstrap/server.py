@@ -10,6 +10,7 @@ from hivemind.utils.logging import get_logger
 
 from cfnode.config import NetworkConfig, RunSpec
 from cfnode.node.runtime import connect
+from cfnode.protocol.identity import Identity
 from cfnode.protocol.keys import spec_key
 
 logger = get_logger(__name__)
@@ -19,8 +20,8 @@ SPEC_REFRESH = 60.0
 
 
 async def run_bootstrap(network: NetworkConfig, spec: RunSpec, maddr_file: str | None = None) -> None:
-    async with connect(network) as (dht, _p2p):
-        await _publish(dht, spec)
+    async with connect(network) as (dht, _p2p, identity):
+        await _publish(dht, spec, identity)
         maddr = pick_public_maddr([str(m) for m in dht.get_visible_maddrs()], network.host)
         if maddr_file:
             Path(maddr_file).write_text(maddr + "\n")
@@ -29,11 +30,13 @@ async def run_bootstrap(network: NetworkConfig, spec: RunSpec, maddr_file: str |
         print(f"bootstrap ready: {maddr}", flush=True)
         while True:
             await asyncio.sleep(SPEC_REFRESH)
-            await _publish(dht, spec)
+            await _publish(dht, spec, identity)
 
 
-async def _publish(dht, spec: RunSpec) -> None:
-    stored = await dht.store(spec_key(spec.run_id), spec.to_dict(), get_dht_time() + SPEC_TTL, return_future=True)
+async def _publish(dht, spec: RunSpec, identity: Identity) -> None:
+    # Under the bootstrap's own signed subkey: nobody else can overwrite it, and readers trust only this signer.
+    stored = await dht.store(spec_key(spec.run_id), spec.to_dict(), get_dht_time() + SPEC_TTL,
+                             subkey=identity.owner_subkey, return_future=True)
     if not stored:
         logger.warning("the run spec was not stored on the DHT; retrying at the next refresh")
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hivemind
+from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.logging import get_logger
 
@@ -89,15 +90,22 @@ def start_dht(
     client_mode: bool = False,
     announce_maddrs: Sequence[str] = (),
     timeout: float = 30.0,
+    record_validators: Sequence[RecordValidatorBase] = (),
+    check_identity_free: bool = True,
 ) -> hivemind.DHT:
-    """Start a DHT and join the swarm through `initial_peers`; raise DHTStartError within `timeout`."""
+    """Start a DHT and join the swarm through `initial_peers`; raise DHTStartError within `timeout`.
+
+    `check_identity_free=False` skips hivemind's probe for another peer using the same identity (a second daemon
+    started and stopped), which a freshly generated identity does not need."""
     kwargs: dict = dict(
         host_maddrs=[f"/ip4/{host}/tcp/{port}"] if ":" not in host else [f"/ip6/{host}/tcp/{port}"],
         client_mode=client_mode,
         startup_timeout=timeout,
+        record_validators=list(record_validators),
     )
     if identity_path is not None:
         kwargs["identity_path"] = str(identity_path)
+        kwargs["check_if_identity_free"] = check_identity_free
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
     for maddr in initial_peers:

@@ -19,11 +19,11 @@ logger = get_logger(__name__)
 
 
 async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> None:
-    async with connect(config.network) as (dht, p2p):
-        spec = await read_spec(dht, config.network.run_id, config.network.connect_timeout)
+    async with connect(config.network) as (dht, p2p, identity):
+        spec = await read_spec(dht, config.network)
         client = StageClient(p2p, spec.max_message_bytes)
         stage = await pick_stage(config, dht, spec, client)
-        peer = StagePeer(spec, stage, p2p.peer_id.to_base58(), dht, client, config.device, config.request_timeout)
+        peer = StagePeer(spec, stage, identity, dht, client, config.device, config.request_timeout)
         metrics = PeerMetrics(peer)
         metrics_server = contextlib.ExitStack()  # bound first: a busy port fails before this peer announces
         metrics_server.enter_context(serving(metrics.registry, config.network.host, config.metrics_port))

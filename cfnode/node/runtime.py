@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -15,6 +18,8 @@ from hivemind.utils.logging import get_logger
 
 from cfnode.config import NetworkConfig
 from cfnode.node.dht import start_dht
+from cfnode.protocol.identity import Identity, create_identity, load_identity
+from cfnode.protocol.record_validator import run_validators
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -42,22 +47,41 @@ def run_role(main: Callable[[], Awaitable[T]]) -> T:
 
 
 @contextlib.asynccontextmanager
-async def connect(network: NetworkConfig) -> AsyncIterator[tuple[hivemind.DHT, P2P]]:
-    """Start the DHT (in its child process) and a p2p handle in this process; shut both down on exit."""
-    dht = await asyncio.get_running_loop().run_in_executor(None, lambda: start_dht(
-        initial_peers=network.initial_peers, host=network.host, port=network.port,
-        identity_path=network.identity_path, client_mode=network.client_mode,
-        announce_maddrs=network.announce_maddrs, timeout=network.connect_timeout,
-    ))
+async def connect(network: NetworkConfig) -> AsyncIterator[tuple[hivemind.DHT, P2P, Identity]]:
+    """Start the DHT (in its child process) and a p2p handle in this process; shut both down on exit.
+
+    The node's identity key is its libp2p identity and signs its DHT records: `--identity` names a file to reuse
+    (created if missing); without it a fresh key lives in a temporary file only until the daemon has read it.
+    """
+    identity, fresh = _identity(network.identity_path)
+    try:
+        dht = await asyncio.get_running_loop().run_in_executor(None, lambda: start_dht(
+            initial_peers=network.initial_peers, host=network.host, port=network.port,
+            identity_path=identity.path, client_mode=network.client_mode,
+            announce_maddrs=network.announce_maddrs, timeout=network.connect_timeout,
+            record_validators=run_validators(network.run_id, identity), check_identity_free=not fresh,
+        ))
+    finally:
+        if network.identity_path is None:
+            shutil.rmtree(os.path.dirname(identity.path), ignore_errors=True)
     p2p = None
     try:
         p2p = await dht.replicate_p2p()
-        yield dht, p2p
+        yield dht, p2p, identity
     finally:
         if p2p is not None:
             with contextlib.suppress(Exception):
                 await p2p.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, dht.shutdown)
+
+
+def _identity(path: str | None) -> tuple[Identity, bool]:
+    """The identity at `path` (generated there if missing) or a fresh one; and whether it was just generated."""
+    if path is None:
+        return create_identity(os.path.join(tempfile.mkdtemp(prefix="cfnode-id-"), "identity.key")), True
+    if os.path.exists(path):
+        return load_identity(path), False
+    return create_identity(path), True
 
 
 async def wait_forever() -> None:

@@ -23,6 +23,7 @@ from cfnode.model import build_body_stage
 from cfnode.node.stage_choice import choose_stage, is_live
 from cfnode.node.stage_state import flat_grads, load_snapshot, make_optimizer, model_state, snapshot
 from cfnode.node.swarm_map import StageMap, merge_stage_maps, online, read_stage_map, swarm_step
+from cfnode.protocol.identity import Identity
 from cfnode.protocol.keys import stage_key
 from cfnode.protocol.messages import (
     BAD_REQUEST,
@@ -61,9 +62,10 @@ class ThroughputMeter:
 class StagePeer:
     """One replica of body stage `stage`: the StageBackend behind StageService."""
 
-    def __init__(self, spec: RunSpec, stage: int, peer_id: str, dht: hivemind.DHT, client: StageClient,
+    def __init__(self, spec: RunSpec, stage: int, identity: Identity, dht: hivemind.DHT, client: StageClient,
                  device: str = "cpu", request_timeout: float = 30.0):
-        self.spec, self.stage, self.peer_id = spec, stage, peer_id
+        self.spec, self.stage, self.identity = spec, stage, identity
+        self.peer_id = identity.peer_id.to_base58()
         self.dht, self.client = dht, client
         self.device = torch.device(device)
         self.request_timeout = request_timeout
@@ -389,7 +391,7 @@ class StagePeer:
             record = self.announcement().to_wire()
             expiration = get_dht_time() + self.spec.announce_ttl
             ok = await self.dht.store(stage_key(self.spec.run_id, self.stage), record, expiration,
-                                      subkey=self.peer_id, return_future=True)
+                                      subkey=self.identity.owner_subkey, return_future=True)
         if not ok:
             logger.warning(f"stage {self.stage}: announcement was not stored")
 

@@ -18,15 +18,15 @@ logger = get_logger(__name__)
 
 
 async def collect_status(network: NetworkConfig) -> dict[str, Any]:
-    async with connect(network) as (dht, _p2p):
-        spec = await read_spec(dht, network.run_id, network.connect_timeout)
+    async with connect(network) as (dht, _p2p, _identity):
+        spec = await read_spec(dht, network)
         return await _report(dht, spec)
 
 
 async def watch_status(network: NetworkConfig, interval: float, show: Callable[[dict[str, Any]], None]) -> None:
     """Connect once, then show a fresh report every `interval` seconds until cancelled (Ctrl-C)."""
-    async with connect(network) as (dht, _p2p):
-        spec = await read_spec(dht, network.run_id, network.connect_timeout)
+    async with connect(network) as (dht, _p2p, _identity):
+        spec = await read_spec(dht, network)
         while True:
             try:
                 report = await _report(dht, spec)

@@ -9,7 +9,8 @@ import hivemind
 from hivemind.utils import get_dht_time
 from hivemind.utils.logging import get_logger
 
-from cfnode.config import RunSpec
+from cfnode.config import NetworkConfig, RunSpec
+from cfnode.protocol.identity import owner_peer_id
 from cfnode.protocol.keys import spec_key, stage_key
 from cfnode.protocol.records import PeerState, RecordError, StageAnnouncement, spec_from_wire
 
@@ -22,20 +23,34 @@ class SpecNotFound(RuntimeError):
     pass
 
 
-async def read_spec(dht: hivemind.DHT, run_id: str, timeout: float) -> RunSpec:
-    """The run spec the bootstrap published; waits for it up to `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+async def read_spec(dht: hivemind.DHT, network: NetworkConfig) -> RunSpec:
+    """The run spec signed by a trusted owner (`network.spec_owners`, the first one that has published wins);
+    waits for it up to `network.connect_timeout` seconds. Specs signed by anyone else are ignored."""
+    run_id, owners = network.run_id, network.spec_owners
+    if not owners:
+        raise SpecNotFound("no trusted run spec owner: --initial-peers must name the bootstrap as /.../p2p/<peer id>")
+    deadline = time.monotonic() + network.connect_timeout
     delay = 0.2
     while True:
         found = await dht.get(spec_key(run_id), latest=True, return_future=True)
-        if found is not None:
-            try:
-                return spec_from_wire(found.value)
-            except RecordError as e:
-                logger.warning(f"ignoring a malformed run spec record: {e}")
+        specs = {}
+        if found is not None and isinstance(found.value, dict):
+            for subkey, entry in found.value.items():
+                owner = owner_peer_id(subkey)
+                if owner is None or owner.to_base58() not in owners:
+                    logger.debug(f"ignoring a run spec signed by an untrusted peer {owner}")
+                    continue
+                try:
+                    specs[owner.to_base58()] = spec_from_wire(entry.value)
+                except RecordError as e:
+                    logger.warning(f"ignoring a malformed run spec record: {e}")
+        for owner in owners:
+            if owner in specs:
+                return specs[owner]
         if time.monotonic() + delay > deadline:
             raise SpecNotFound(
-                f"no run spec for run {run_id!r} on the DHT after {timeout:.0f} s: is the bootstrap for this run up?"
+                f"no run spec for run {run_id!r} signed by {', '.join(owners)} on the DHT after "
+                f"{network.connect_timeout:.0f} s: is the bootstrap for this run up?"
             )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
@@ -59,8 +74,9 @@ async def read_stage_map(dht: hivemind.DHT, spec: RunSpec) -> StageMap:
                 except RecordError as e:
                     logger.debug(f"skipping a malformed announcement for stage {stage}: {e}")
                     continue
-                if record.stage != stage or record.peer_id != subkey:
-                    logger.debug(f"skipping an announcement filed under the wrong key: {subkey}")
+                owner = owner_peer_id(subkey)  # the DHT validator checked this too, on store and on read
+                if record.stage != stage or owner is None or record.peer_id != owner.to_base58():
+                    logger.debug(f"skipping an announcement filed under the wrong key by {owner}")
                     continue
                 peers.append(record)
         stage_map[stage] = sorted(peers, key=lambda r: r.peer_id)

@@ -422,8 +422,8 @@ async def run_train(config: TrainConfig) -> dict:
     from cfnode.node.runtime import connect
     from cfnode.node.swarm_map import read_spec
 
-    async with connect(config.network) as (dht, p2p):
-        spec = await read_spec(dht, config.network.run_id, config.network.connect_timeout)
+    async with connect(config.network) as (dht, p2p, _identity):
+        spec = await read_spec(dht, config.network)
         dataset = load_dataset(config, spec)
         trainer = Trainer(config, spec, dht, p2p, dataset)
         with serving(trainer.metrics.registry, config.network.host, config.metrics_port):

@@ -2,10 +2,10 @@
 
 
 def spec_key(run_id: str) -> str:
-    """The run spec, written by the bootstrap."""
+    """The run spec, signed by the bootstrap under its owner subkey."""
     return f"{run_id}.spec"
 
 
 def stage_key(run_id: str, stage: int) -> str:
-    """One key per body stage; each peer of the stage writes its announcement under its own subkey."""
+    """One key per body stage; each peer of the stage writes its signed announcement under its own owner subkey."""
     return f"{run_id}.stage.{stage}"

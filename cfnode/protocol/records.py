@@ -29,7 +29,7 @@ WEIGHT_SOURCES = ("fresh", "replica", "checkfree", "checkfree+", "uniform", "cop
 
 @dataclass(frozen=True)
 class StageAnnouncement:
-    """What a stage peer says about itself under `stage_key(run_id, stage)`, subkey = its peer id."""
+    """What a stage peer says about itself under `stage_key(run_id, stage)`, signed, under its own owner subkey."""
 
     peer_id: str
     stage: int

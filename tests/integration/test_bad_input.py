@@ -44,7 +44,7 @@ def bad_requests(spec):
 
 async def probe(maddr: str, spec) -> dict[str, str]:
     outcomes = {}
-    async with connect(network(maddr)) as (dht, p2p):
+    async with connect(network(maddr)) as (dht, p2p, _identity):
         from cfnode.node.swarm_map import read_stage_map
 
         (peer,) = (await read_stage_map(dht, spec))[1]

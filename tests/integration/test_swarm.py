@@ -14,7 +14,7 @@ def steps_of(events):
 
 
 async def download_all(maddr: str, stage: int, peer_ids: list[str]):
-    async with connect(network(maddr)) as (_dht, p2p):
+    async with connect(network(maddr)) as (_dht, p2p, _identity):
         client = StageClient(p2p, 2**26)
         return [await client.download_state(peer, stage, timeout=60) for peer in peer_ids]
 

@@ -270,3 +270,9 @@ def test_shipped_examples_load_and_demo_lists_the_defaults():
     examples = Path(__file__).resolve().parents[2] / "examples"
     assert RunSpec.from_file(examples / "demo.toml") == RunSpec()
     assert RunSpec.from_file(examples / "tiny.yaml").num_stages == 3
+
+
+def test_spec_owners_are_the_initial_peers_ids():
+    network = NetworkConfig(initial_peers=("/ip4/127.0.0.1/tcp/1/p2p/QmA", "/ip4/10.0.0.2/tcp/2/p2p/QmB/"))
+    assert network.spec_owners == ("QmA", "QmB")
+    assert NetworkConfig().spec_owners == ()

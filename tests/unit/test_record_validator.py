@@ -1,0 +1,106 @@
+"""Identities and the run's DHT record validator, exercised as hivemind applies them (sign on store, validate on
+store and on read)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import CompositeValidator, DHTRecord
+from hivemind.proto import crypto_pb2
+from hivemind.utils import MSGPackSerializer
+
+from cfnode.config import RunSpec
+from cfnode.protocol.identity import IdentityError, create_identity, load_identity, owner_peer_id
+from cfnode.protocol.keys import spec_key, stage_key
+from cfnode.protocol.record_validator import run_validators
+from cfnode.protocol.records import PeerState, StageAnnouncement
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ids")
+    return create_identity(str(folder / "a.key")), create_identity(str(folder / "b.key"))
+
+
+def record(key: str, subkey, value, validator: CompositeValidator) -> DHTRecord:
+    raw = DHTRecord(DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(subkey),
+                    MSGPackSerializer.dumps(value), 1e12)
+    return dataclasses.replace(raw, value=validator.sign_value(raw))
+
+
+def announcement(peer_id: str, stage: int = 1) -> dict:
+    return StageAnnouncement(peer_id=peer_id, stage=stage, state=PeerState.ONLINE, step=3, throughput=1.0, load=0,
+                             grad_norm=0.5, source="fresh").to_wire()
+
+
+def test_identity_round_trip(identities, tmp_path):
+    a, _ = identities
+    again = load_identity(a.path)
+    assert again.peer_id == a.peer_id
+    assert owner_peer_id(a.owner_subkey) == a.peer_id
+    assert owner_peer_id(b"no key here") is None
+    assert owner_peer_id(12) is None
+
+
+def test_identity_files_that_cannot_sign_are_refused(tmp_path):
+    garbage = tmp_path / "garbage.key"
+    garbage.write_bytes(b"\x00\x01not a key")
+    with pytest.raises(IdentityError):
+        load_identity(str(garbage))
+    ed25519 = tmp_path / "ed25519.key"
+    ed25519.write_bytes(crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.Ed25519, data=b"x" * 64).SerializeToString())
+    with pytest.raises(IdentityError, match="RSA"):
+        load_identity(str(ed25519))
+    with pytest.raises(IdentityError, match="cannot read"):
+        load_identity(str(tmp_path / "missing.key"))
+
+
+def test_own_announcement_is_valid_and_others_are_not(identities):
+    a, b = identities
+    mine = CompositeValidator(run_validators("run", a))
+    peer_a = a.peer_id.to_base58()
+    assert mine.validate(record(stage_key("run", 1), a.owner_subkey, announcement(peer_a), mine))
+    # Under b's subkey: a cannot sign it, so it carries no valid signature.
+    assert not mine.validate(record(stage_key("run", 1), b.owner_subkey, announcement(peer_a), mine))
+    # Signed by a, but claiming to be b.
+    assert not mine.validate(record(stage_key("run", 1), a.owner_subkey, announcement(b.peer_id.to_base58()), mine))
+    # Filed under another stage's key, without an owner, or as a plain value.
+    assert not mine.validate(record(stage_key("run", 2), a.owner_subkey, announcement(peer_a), mine))
+    assert not mine.validate(record(stage_key("run", 1), peer_a, announcement(peer_a), mine))
+    plain = DHTRecord(DHTID.generate(source=stage_key("run", 1)).to_bytes(), DHTProtocol.IS_REGULAR_VALUE,
+                      MSGPackSerializer.dumps(announcement(peer_a)), 1e12)
+    assert not mine.validate(plain)
+
+
+def test_tampered_signed_record_is_refused(identities):
+    a, _ = identities
+    mine = CompositeValidator(run_validators("run", a))
+    signed = record(stage_key("run", 1), a.owner_subkey, announcement(a.peer_id.to_base58()), mine)
+    tampered = dataclasses.replace(signed, value=signed.value.replace(b"ONLINE", b"JOININ"))
+    assert not mine.validate(tampered)
+
+
+@pytest.mark.parametrize("value", [{"peer_id": 3}, "a string", [1, 2], {}])
+def test_wrong_shape_is_refused(identities, value):
+    a, _ = identities
+    mine = CompositeValidator(run_validators("run", a))
+    assert not mine.validate(record(stage_key("run", 1), a.owner_subkey, value, mine))
+    assert not mine.validate(record(spec_key("run"), a.owner_subkey, value, mine))
+
+
+def test_run_spec_records(identities):
+    a, _ = identities
+    mine = CompositeValidator(run_validators("run", a))
+    assert mine.validate(record(spec_key("run"), a.owner_subkey, RunSpec(run_id="run").to_dict(), mine))
+    assert not mine.validate(record(spec_key("run"), a.owner_subkey, RunSpec(run_id="other").to_dict(), mine))
+    assert not mine.validate(record(spec_key("run"), "bootstrap", RunSpec(run_id="run").to_dict(), mine))
+
+
+def test_other_keys_pass_untouched(identities):
+    a, _ = identities
+    mine = CompositeValidator(run_validators("run", a))
+    assert mine.validate(record("another-run.stage.1", "anything", {"x": 1}, mine))
+    assert mine.validate(record(stage_key("other", 1), "anything", {"x": 1}, mine))
