@@ -18,6 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 RECOVERY_MODES = ("none", "checkfree", "checkfree+", "uniform", "copy", "random")
+MAX_MICROBATCHES = 1024  # per step: a peer keeps one input gradient per microbatch until the step
 MAX_STAGES = 256  # body stages a run may have; DHT validators know every stage key up to it
 
 
@@ -201,6 +202,8 @@ class TrainConfig:
             raise ConfigError(f"steps must be at least 1, got {self.steps}")
         if self.batch_size < 1 or self.microbatches < 1:
             raise ConfigError("batch size and microbatches must be at least 1")
+        if self.microbatches > MAX_MICROBATCHES:
+            raise ConfigError(f"microbatches must be at most {MAX_MICROBATCHES}, got {self.microbatches}")
         if self.batch_size % self.microbatches != 0:
             raise ConfigError(
                 f"batch size {self.batch_size} must be a multiple of the number of microbatches {self.microbatches}"

@@ -19,7 +19,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import JoinConfig, RunSpec
-from cfnode.model import build_body_stage
+from cfnode.model import build_body_stage, build_head
 from cfnode.node.stage_choice import choose_stage, is_live
 from cfnode.node.stage_state import flat_grads, load_snapshot, make_optimizer, model_state, snapshot
 from cfnode.node.swarm_map import StageMap, merge_stage_maps, online, read_stage_map, swarm_step
@@ -70,6 +70,8 @@ class StagePeer:
         self.device = torch.device(device)
         self.request_timeout = request_timeout
         self.max_request_bytes = spec.max_message_bytes
+        # A head copy is the head's weights and two Adam moments in float32, plus metadata.
+        self.max_head_bytes = 3 * 4 * sum(p.numel() for p in build_head(spec).parameters()) + 2**20
         self.model = build_body_stage(spec, stage).to(self.device)
         self.optimizer = make_optimizer(self.model, spec)
         self.current_step = 0
@@ -222,6 +224,8 @@ class StagePeer:
             for peer, grads in by_peer.items():
                 if len(grads) != len(own) or any(g.shape != o.shape for g, o in zip(grads, own)):
                     raise RequestRefused(GROUP_FAILED, f"gradients from {peer} do not match this stage", [peer])
+                if not all(torch.isfinite(g).all() for g in grads):  # one broken replica must not poison the rest
+                    raise RequestRefused(GROUP_FAILED, f"gradients from {peer} hold NaN or Inf values", [peer])
             # Every replica sums in the same (sorted) order, so all of them apply bitwise-identical updates.
             ordered = [by_peer[p] for p in sorted(request.group)]
             self.grad_norm = await self._compute(self._apply, ordered)
@@ -256,8 +260,15 @@ class StagePeer:
     async def store_head(self, state: StateSnapshot) -> None:
         if state.stage != 0:
             raise RequestRefused(BAD_REQUEST, f"a head copy is stage 0, got stage {state.stage}")
+        await self._compute(self._check_head, state)  # a copy a new trainer could not load is refused now
         if self.head_copy is None or state.step >= self.head_copy.step:
             self.head_copy = state
+
+    def _check_head(self, state: StateSnapshot) -> None:
+        head = build_head(self.spec)
+        load_snapshot(state, head, make_optimizer(head, self.spec))
+        if not all(torch.isfinite(t).all() for t in state.tensors if t.is_floating_point()):
+            raise ProtocolError("the head copy holds NaN or Inf values")
 
     async def export_head(self) -> StateSnapshot:
         if self.head_copy is None:

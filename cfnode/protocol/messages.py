@@ -17,6 +17,8 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
+from cfnode.config import MAX_MICROBATCHES
+
 CHUNK_BYTES = 2**16  # activations and gradients: small streams, where small chunks start sooner
 STATE_CHUNK_BYTES = 2**20  # weights and optimiser state: large streams, where fewer chunks move faster
 MAX_METADATA_BYTES = 2**20
@@ -172,6 +174,14 @@ def _field(meta: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> An
     return value
 
 
+def _counter(meta: dict[str, Any], name: str, limit: int | None = None) -> int:
+    """A non-negative integer field (stage, step, microbatch), below `limit` if given."""
+    value = _field(meta, name, int)
+    if value < 0 or (limit is not None and value >= limit):
+        raise ProtocolError(f"field {name!r} is out of range: {value}")
+    return value
+
+
 def _session(meta: dict[str, Any]) -> str:
     session = meta.get("session", "")
     if not isinstance(session, str) or len(session) > 128:
@@ -199,7 +209,8 @@ class ForwardRequest:
     def parse(cls, envelope: Envelope) -> ForwardRequest:
         meta = envelope.meta
         (hidden,) = _tensors(envelope, 1, "forward")
-        return cls(_field(meta, "stage", int), _field(meta, "step", int), _field(meta, "microbatch", int), hidden)
+        return cls(_counter(meta, "stage"), _counter(meta, "step"), _counter(meta, "microbatch", MAX_MICROBATCHES),
+                   hidden)
 
 
 @dataclass
@@ -219,7 +230,7 @@ class BackwardRequest:
     def parse(cls, envelope: Envelope) -> BackwardRequest:
         meta = envelope.meta
         hidden, grad_output = _tensors(envelope, 2, "backward")
-        return cls(_field(meta, "stage", int), _field(meta, "step", int), _field(meta, "microbatch", int),
+        return cls(_counter(meta, "stage"), _counter(meta, "step"), _counter(meta, "microbatch", MAX_MICROBATCHES),
                    hidden, grad_output, _session(meta))
 
 
@@ -241,7 +252,7 @@ class StepRequest:
         group = _field(meta, "group", list)
         if not group or not all(isinstance(p, str) for p in group) or len(group) > 1024:
             raise ProtocolError("group must be a non-empty list of peer ids")
-        return cls(_field(meta, "stage", int), _field(meta, "step", int), group, _session(meta))
+        return cls(_counter(meta, "stage"), _counter(meta, "step"), group, _session(meta))
 
 
 @dataclass
@@ -275,7 +286,7 @@ class StageRequest:
         weights_only = envelope.meta.get("weights_only", False)
         if not isinstance(weights_only, bool):
             raise ProtocolError("field 'weights_only' must be a boolean")
-        return cls(_field(envelope.meta, "stage", int), _field(envelope.meta, "step", int), weights_only,
+        return cls(_counter(envelope.meta, "stage"), _counter(envelope.meta, "step"), weights_only,
                    _session(envelope.meta))
 
 

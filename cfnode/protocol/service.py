@@ -20,6 +20,7 @@ from hivemind.utils.logging import get_logger
 from cfnode.protocol.messages import (
     BAD_REQUEST,
     INTERNAL,
+    MAX_METADATA_BYTES,
     STATE_CHUNK_BYTES,
     TRUNCATED,
     BackwardRequest,
@@ -59,7 +60,8 @@ class RequestRefused(Exception):
 class StageBackend(Protocol):
     """What a stage peer implements; the service does the wire work around it."""
 
-    max_request_bytes: int
+    max_request_bytes: int  # activations and gradients
+    max_head_bytes: int  # a head copy (put_head)
 
     async def forward(self, request: ForwardRequest) -> torch.Tensor: ...
 
@@ -87,7 +89,8 @@ class StageService(ServicerBase):
             request = ForwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
             return Envelope({}, [await self.backend.forward(request)])
 
-        for message in to_chunks(await _guarded(handle, "forward"), Response):
+        reply = await _guarded(handle, "forward", requests, self.backend.max_request_bytes)
+        for message in to_chunks(reply, Response):
             yield message
 
     async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
@@ -95,7 +98,8 @@ class StageService(ServicerBase):
             request = BackwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
             return Envelope({}, [await self.backend.backward(request)])
 
-        for message in to_chunks(await _guarded(handle, "backward"), Response):
+        reply = await _guarded(handle, "backward", requests, self.backend.max_request_bytes)
+        for message in to_chunks(reply, Response):
             yield message
 
     async def rpc_step(self, request: Request, context: P2PContext) -> Response:
@@ -128,10 +132,11 @@ class StageService(ServicerBase):
     async def rpc_put_head(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         """The trainer's copy of the embedding, final norm and head (stage 0) for this peer to keep."""
         async def handle() -> Envelope:
-            await self.backend.store_head(StateSnapshot.parse(await from_chunks(requests, MAX_STATE_BYTES)))
+            await self.backend.store_head(StateSnapshot.parse(await from_chunks(requests, self.backend.max_head_bytes)))
             return Envelope({})
 
-        for message in to_chunks(await _guarded(handle, "put_head"), Response):
+        reply = await _guarded(handle, "put_head", requests, self.backend.max_head_bytes)
+        for message in to_chunks(reply, Response):
             yield message
 
     async def rpc_get_head(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
@@ -142,7 +147,34 @@ class StageService(ServicerBase):
             yield message
 
 
-async def _guarded(handle, name: str) -> Envelope:
+def drain_limit(max_bytes: int) -> int:
+    """How much of a refused request stream a peer still reads: twice the largest valid request."""
+    return 2 * (max_bytes + MAX_METADATA_BYTES)
+
+
+async def _guarded(handle, name: str, requests: AsyncIterator[Request] | None = None, max_bytes: int = 0) -> Envelope:
+    """The handler's reply, or an error reply. A refused request stream is read to its end (within
+    `drain_limit`), so the caller, still sending, gets the error reply rather than a reset stream."""
+    reply = await _reply_or_error(handle, name)
+    if requests is not None and "error" in reply.meta:
+        await _drain(requests, drain_limit(max_bytes))
+    return reply
+
+
+async def _drain(requests: AsyncIterator[Request], limit: int) -> None:
+    seen = 0
+    try:
+        async for message in requests:
+            seen += message.ByteSize()
+            if seen > limit:
+                return
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the caller gave up or the stream broke: nothing left to read
+        return
+
+
+async def _reply_or_error(handle, name: str) -> Envelope:
     try:
         return await handle()
     except TruncatedStream as e:
