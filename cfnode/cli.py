@@ -147,9 +147,13 @@ def _parse_stage(value: str) -> int | None:
 @click.option("--standby", is_flag=True, envvar="CFNODE_STANDBY",
               help="With --stage auto: stay connected as a warm spare and take the first stage that loses "
                    "every peer (no start-up delay when it happens).")
+@click.option("--leave-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              envvar="CFNODE_LEAVE_TIMEOUT",
+              help="On SIGTERM (kill, docker stop): seconds to finish in-flight work and, as a stage's last "
+                   "peer, hand its exact state to a joining newcomer or a neighbouring stage.")
 def join(stage: str, device: str, request_timeout: float, metrics_port: int | None, standby: bool,
-         **kw: Any) -> None:
-    """Serve one pipeline stage until stopped."""
+         leave_timeout: float, **kw: Any) -> None:
+    """Serve one pipeline stage until stopped (SIGTERM leaves cleanly, handing the stage over)."""
     from cfnode.node.join import run_join
     from cfnode.node.runtime import run_role
 
@@ -158,7 +162,8 @@ def join(stage: str, device: str, request_timeout: float, metrics_port: int | No
     if standby and chosen is not None:
         raise click.BadParameter("a standby peer chooses its stage itself: use it with --stage auto",
                                  param_hint="--standby")
-    config = JoinConfig(_network(kw), chosen, device, request_timeout, metrics_port, standby=standby)
+    config = JoinConfig(_network(kw), chosen, device, request_timeout, metrics_port, standby=standby,
+                        leave_timeout=leave_timeout)
     _run("join", lambda: run_role(lambda: run_join(config)))
 
 

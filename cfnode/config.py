@@ -176,6 +176,7 @@ class JoinConfig:
     metrics_port: int | None = None  # serve Prometheus metrics at http://<host>:<port>/metrics
     standby: bool = False  # with stage None: wait, connected, until a stage has no live peer, then rebuild it
     standby_poll: float = 0.5  # seconds between a standby peer's looks at the stage map
+    leave_timeout: float = 30.0  # on SIGTERM: time to finish in-flight work and hand the stage's state over
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,15 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
                 ready.set()
             await wait_forever()
         finally:
-            peer.state = PeerState.LEAVING
+            if peer.state == PeerState.ONLINE:  # the announcer keeps the LEAVING record fresh meanwhile
+                logger.info(f"stage {stage}: leaving (up to {config.leave_timeout:.0f} s to hand over)")
+                try:
+                    await peer.leave(config.leave_timeout)
+                except Exception as e:
+                    logger.warning(f"stage {stage}: the clean leave failed: {type(e).__name__}: {e}")
             if announcer is not None:
                 announcer.cancel()
+            peer.state = PeerState.LEAVING
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(peer.announce(), 2.0)
             with contextlib.suppress(Exception):

@@ -168,11 +168,11 @@ class InstrumentedBackend:
     async def export_grads(self, request):
         return await self._metrics.handle("fetch_grads", self._backend.export_grads(request))
 
-    async def store_head(self, state):
-        return await self._metrics.handle("put_head", self._backend.store_head(state))
+    async def keep_copy(self, state):
+        return await self._metrics.handle("put_copy", self._backend.keep_copy(state))
 
-    async def export_head(self):
-        return await self._metrics.handle("get_head", self._backend.export_head())
+    async def export_copy(self, request):
+        return await self._metrics.handle("get_copy", self._backend.export_copy(request))
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):

@@ -70,10 +70,12 @@ class StagePeer:
         self.device = torch.device(device)
         self.request_timeout = request_timeout
         self.max_request_bytes = spec.max_message_bytes
-        # A head copy is the head's weights and two Adam moments in float32, plus metadata.
-        self.max_head_bytes = 3 * 4 * sum(p.numel() for p in build_head(spec).parameters()) + 2**20
         self.model = build_body_stage(spec, stage).to(self.device)
         self.optimizer = make_optimizer(self.model, spec)
+        # A kept copy is a head's or a stage's weights and two Adam moments in float32, plus metadata.
+        largest = max(sum(p.numel() for p in build_head(spec).parameters()),
+                      sum(p.numel() for p in self.model.parameters()))
+        self.max_copy_bytes = 3 * 4 * largest + 2**20
         self.current_step = 0
         self.grad_norm: float | None = None
         self.source = "fresh"
@@ -90,15 +92,19 @@ class StagePeer:
         self._announce_lock = asyncio.Lock()
         self._step_anchored = False  # True once this copy has stepped or copied a replica: its step is real
         self.recovery_timing: dict[str, float] = {}
-        self.head_copy: StateSnapshot | None = None  # the trainer's embedding and head, kept for a new trainer
+        # State copies kept for others: the trainer's embedding and head (stage 0), for a new trainer, and a
+        # neighbouring stage's exact state, handed over by its last peer on a clean leave, for the next newcomer.
+        self.kept: dict[int, StateSnapshot] = {}
         self._grad_session = ""  # the trainer run whose gradients are accumulated now
         self._last_applied: int | None = None  # the step last applied, so a retried step call is idempotent
 
     # --- obtaining weights -------------------------------------------------------------------------------
 
     async def obtain_weights(self, stage_map: StageMap) -> None:
-        """Copy a live replica exactly if there is one; otherwise rebuild the stage (see recovery.rebuild)."""
-        replicas = [p for p in online(stage_map.get(self.stage, [])) if p.peer_id != self.peer_id]
+        """Copy a replica exactly if there is one (a leaving one counts: it waits to hand its state over), else an
+        exact copy a leaving last peer left with a neighbour, else rebuild the stage (see recovery.rebuild)."""
+        replicas = [p for p in stage_map.get(self.stage, [])
+                    if p.state in (PeerState.ONLINE, PeerState.LEAVING) and p.peer_id != self.peer_id]
         random.shuffle(replicas)
         for replica in sorted(replicas, key=lambda p: -p.step):
             try:
@@ -113,7 +119,32 @@ class StagePeer:
             logger.info(f"stage {self.stage}: copied step {self.current_step} from replica {replica.peer_id} "
                         f"in {time.perf_counter() - started:.2f} s")
             return
+        if await self._take_handoff(stage_map):
+            return
         await self._rebuild(stage_map)
+
+    async def _take_handoff(self, stage_map: StageMap) -> bool:
+        """Load the exact state this stage's last peer left with a neighbour, if one is kept and current."""
+        current = swarm_step(stage_map)
+        holders = [p for s in (self.stage - 1, self.stage + 1) for p in online(stage_map.get(s, []))
+                   if self.stage in p.kept]
+        for holder in holders:
+            try:
+                state = await self.client.get_copy(holder.peer_id, self.stage, self.request_timeout * 4)
+                if state.step < current:  # left before the swarm moved on: stale, so rebuild instead
+                    logger.info(f"stage {self.stage}: the copy kept by {holder.peer_id} is at step {state.step}, "
+                                f"the swarm at step {current}; not using it")
+                    continue
+                await self._load(state)
+            except Exception as e:
+                logger.warning(f"stage {self.stage}: taking the copy kept by {holder.peer_id} failed: {e}")
+                continue
+            self.source, self.recovered_from = "handoff", [f"{holder.stage}:{holder.peer_id}"]
+            self._step_anchored = True
+            logger.info(f"stage {self.stage}: took over the exact state at step {self.current_step} that its last "
+                        f"peer left with stage {holder.stage} peer {holder.peer_id}")
+            return True
+        return False
 
     async def _rebuild(self, stage_map: StageMap) -> None:
         """No live replica: rebuild from the nearest live stages, or start fresh in a swarm that never trained."""
@@ -202,6 +233,9 @@ class StagePeer:
 
     async def apply_step(self, request: StepRequest) -> StepReply:
         self._check_stage(request.stage)
+        if self.state != PeerState.ONLINE:
+            # Leaving, the state is frozen so what a newcomer copies is final; the trainer replays this peer's share.
+            raise RequestRefused(NOT_READY, f"peer is {self.state.value}")
         if self.peer_id not in request.group:
             raise RequestRefused(BAD_REQUEST, "this peer is not in the step group")
         async with self._state_lock:
@@ -243,7 +277,7 @@ class StagePeer:
 
     async def export_state(self, request: StageRequest) -> StateSnapshot:
         self._check_stage(request.stage)
-        if self.state != PeerState.ONLINE:
+        if self.state == PeerState.JOINING:  # a LEAVING peer still hands out its (frozen) state
             raise RequestRefused(NOT_READY, f"peer is {self.state.value}")
         async with self._state_lock:
             return await self._compute(snapshot, self.stage, self.current_step, self.grad_norm, self.model,
@@ -257,23 +291,31 @@ class StagePeer:
         await self._adopt_session(request.session)
         return await self._own_grads(request.step)
 
-    async def store_head(self, state: StateSnapshot) -> None:
-        if state.stage != 0:
-            raise RequestRefused(BAD_REQUEST, f"a head copy is stage 0, got stage {state.stage}")
-        await self._compute(self._check_head, state)  # a copy a new trainer could not load is refused now
-        if self.head_copy is None or state.step >= self.head_copy.step:
-            self.head_copy = state
+    def keepable_stages(self) -> set[int]:
+        """Whose state copies this peer keeps: the trainer's head (stage 0) and its neighbouring stages'."""
+        return {0} | {s for s in (self.stage - 1, self.stage + 1) if 1 <= s <= self.spec.num_stages}
 
-    def _check_head(self, state: StateSnapshot) -> None:
-        head = build_head(self.spec)
-        load_snapshot(state, head, make_optimizer(head, self.spec))
+    async def keep_copy(self, state: StateSnapshot) -> None:
+        if state.stage not in self.keepable_stages():
+            raise RequestRefused(BAD_REQUEST, f"stage {self.stage} keeps copies of stages "
+                                              f"{sorted(self.keepable_stages())}, not of stage {state.stage}")
+        await self._compute(self._check_copy, state)  # a copy nobody could load is refused now, not later
+        known = self.kept.get(state.stage)
+        if known is None or state.step >= known.step:
+            self.kept[state.stage] = state
+            self._spawn(self.announce())  # newcomers find kept copies through the announcement
+
+    def _check_copy(self, state: StateSnapshot) -> None:
+        model = build_head(self.spec) if state.stage == 0 else build_body_stage(self.spec, state.stage)
+        load_snapshot(state, model, make_optimizer(model, self.spec))
         if not all(torch.isfinite(t).all() for t in state.tensors if t.is_floating_point()):
-            raise ProtocolError("the head copy holds NaN or Inf values")
+            raise ProtocolError(f"the copy of stage {state.stage} holds NaN or Inf values")
 
-    async def export_head(self) -> StateSnapshot:
-        if self.head_copy is None:
-            raise RequestRefused(NOT_READY, "this peer holds no copy of the embedding and head")
-        return self.head_copy
+    async def export_copy(self, request: StageRequest) -> StateSnapshot:
+        state = self.kept.get(request.stage)
+        if state is None:
+            raise RequestRefused(NOT_READY, f"this peer holds no copy of stage {request.stage}")
+        return state
 
     async def _adopt_session(self, session: str) -> None:
         """Gradients belong to one trainer run: a new trainer's first request drops what a dead one left behind."""
@@ -369,8 +411,8 @@ class StagePeer:
         logger.warning(f"stage {self.stage}: at step {self.current_step} but the swarm is at step {target_step}; "
                        "resyncing")
         stage_map = await read_stage_map(self.dht, self.spec)
-        replicas = [p for p in online(stage_map.get(self.stage, []))
-                    if p.peer_id != self.peer_id and p.step >= target_step]
+        replicas = [p for p in stage_map.get(self.stage, []) if p.state in (PeerState.ONLINE, PeerState.LEAVING)
+                    and p.peer_id != self.peer_id and p.step >= target_step]
         self.state = PeerState.JOINING
         await self.announce()
         try:
@@ -386,6 +428,65 @@ class StagePeer:
             self.state = PeerState.ONLINE
             await self.announce()
 
+    # --- leaving cleanly -----------------------------------------------------------------------------------
+
+    async def leave(self, timeout: float) -> None:
+        """A clean exit: take no new work, finish what is in flight and, as the stage's last peer, hand the exact
+        state over (to a newcomer copying it now, and to a neighbour for the next one), so nothing is rebuilt."""
+        deadline = time.monotonic() + timeout
+        self.state = PeerState.LEAVING  # forward, backward and step are refused from now on: the state is frozen
+        await self.announce()
+        while self.load > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stage_map = await live_stage_map(self.dht, self.spec, self.client)
+        others = [p for p in online(stage_map.get(self.stage, [])) if p.peer_id != self.peer_id]
+        if others:
+            logger.info(f"stage {self.stage}: leaving; {len(others)} other replica(s) keep serving it")
+            return
+        if self.current_step > 0:  # an untrained stage has nothing worth handing over
+            await self._hand_to_neighbours(stage_map, deadline)
+        await self._wait_for_newcomer(deadline)
+
+    async def _hand_to_neighbours(self, stage_map: StageMap, deadline: float) -> None:
+        async with self._state_lock:  # an in-flight step finishes first
+            state = await self._compute(snapshot, self.stage, self.current_step, self.grad_norm, self.model,
+                                        self.optimizer)
+        holders = []
+        for stage in (self.stage + 1, self.stage - 1):
+            for peer in online(stage_map.get(stage, [])):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    await self.client.put_copy(peer.peer_id, state, min(self.request_timeout * 4, remaining))
+                except Exception as e:
+                    logger.warning(f"stage {self.stage}: stage {stage} peer {peer.peer_id} did not take the state: {e}")
+                    continue
+                holders.append(f"{stage}:{peer.peer_id}")
+                break
+        if holders:
+            logger.info(f"stage {self.stage}: last peer leaving; left its exact state (step {state.step}) with "
+                        f"{', '.join(holders)}")
+        else:
+            logger.warning(f"stage {self.stage}: last peer leaving and no neighbour took its state; the next "
+                           f"newcomer rebuilds the stage by {self.spec.recovery}")
+
+    async def _wait_for_newcomer(self, deadline: float, grace: float = 1.5) -> None:
+        """Stay while a newcomer joining this stage copies this peer, until it is online. A standby spare claims
+        the stage within its poll interval, so wait `grace` seconds for one to show up."""
+        noticed_by = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            peers = [p for p in (await read_stage_map(self.dht, self.spec)).get(self.stage, [])
+                     if p.peer_id != self.peer_id]
+            taken = online(peers)
+            if taken:
+                logger.info(f"stage {self.stage}: handed over to {', '.join(p.peer_id for p in taken)}")
+                return
+            if not any(p.state == PeerState.JOINING for p in peers) and time.monotonic() > noticed_by:
+                return
+            await asyncio.sleep(0.25)
+        logger.warning(f"stage {self.stage}: a newcomer was still joining when the leave timeout ran out")
+
     # --- announcing ----------------------------------------------------------------------------------------
 
     def announcement(self) -> StageAnnouncement:
@@ -393,6 +494,7 @@ class StagePeer:
             peer_id=self.peer_id, stage=self.stage, state=self.state, step=self.current_step,
             throughput=round(self.throughput.value, 3), load=self.load, grad_norm=self.grad_norm,
             source=self.source, recovered_from=list(self.recovered_from), announced_at=round(get_dht_time(), 3),
+            kept=sorted(self.kept),
         )
 
     async def announce(self) -> None:

@@ -341,7 +341,7 @@ class Trainer:
         so a trainer that starts after this one dies continues from them instead of from scratch."""
         state = await self._compute(snapshot, 0, self.step, self.grad_norms.get(0), self.head, self.optimizer)
         peers = self._edge_peers()
-        results = await asyncio.gather(*[self.client.put_head(peer, state, self.config.request_timeout)
+        results = await asyncio.gather(*[self.client.put_copy(peer, state, self.config.request_timeout)
                                          for _, peer in peers], return_exceptions=True)
         stored = [f"{stage}:{peer}" for (stage, peer), r in zip(peers, results) if not isinstance(r, BaseException)]
         for (stage, peer), result in zip(peers, results):
@@ -352,7 +352,7 @@ class Trainer:
     async def _restore_head(self) -> None:
         """Continue from the newest copy of the embedding and head that the edge stages hold, if any."""
         peers = self._edge_peers()
-        results = await asyncio.gather(*[self.client.get_head(peer, self.config.request_timeout)
+        results = await asyncio.gather(*[self.client.get_copy(peer, 0, self.config.request_timeout)
                                          for _, peer in peers], return_exceptions=True)
         copies = [(r, f"{stage}:{peer}") for (stage, peer), r in zip(peers, results)
                   if not isinstance(r, BaseException)]

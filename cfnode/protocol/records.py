@@ -24,7 +24,8 @@ class PeerState(str, Enum):
 
 
 # Where a peer's weights came from: fresh init, an exact copy of a live replica, or a recovery kind.
-WEIGHT_SOURCES = ("fresh", "replica", "checkfree", "checkfree+", "uniform", "copy", "random")
+# "handoff" is an exact state a stage's last peer left with a neighbour on a clean leave.
+WEIGHT_SOURCES = ("fresh", "replica", "handoff", "checkfree", "checkfree+", "uniform", "copy", "random")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class StageAnnouncement:
     source: str  # one of WEIGHT_SOURCES
     recovered_from: list[str] = field(default_factory=list)  # "stage:peer_id" of the sources, if any
     announced_at: float = 0.0  # DHT time of this announcement; its age tells how fresh it is
+    kept: list[int] = field(default_factory=list)  # stages whose state copies it keeps (0: the trainer's head)
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
@@ -55,7 +57,7 @@ class StageAnnouncement:
         # Unknown fields are ignored so newer peers can add some; missing ones are an error.
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
-        missing = names - set(values) - {"recovered_from", "announced_at", "version"}
+        missing = names - set(values) - {"recovered_from", "announced_at", "kept", "version"}
         if missing:
             raise RecordError(f"announcement lacks {', '.join(sorted(missing))}")
         try:
@@ -83,6 +85,9 @@ class StageAnnouncement:
             raise RecordError(f"unknown weight source {self.source!r}")
         if not isinstance(self.recovered_from, list) or not all(isinstance(s, str) for s in self.recovered_from):
             raise RecordError("recovered_from must be a list of strings")
+        if not isinstance(self.kept, list) or len(self.kept) > 3 or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.kept):
+            raise RecordError("kept must be a list of at most 3 stage numbers")
 
 
 def _finite_non_negative(value: Any) -> bool:

@@ -61,7 +61,7 @@ class StageBackend(Protocol):
     """What a stage peer implements; the service does the wire work around it."""
 
     max_request_bytes: int  # activations and gradients
-    max_head_bytes: int  # a head copy (put_head)
+    max_copy_bytes: int  # a state copy to keep (put_copy)
 
     async def forward(self, request: ForwardRequest) -> torch.Tensor: ...
 
@@ -75,9 +75,9 @@ class StageBackend(Protocol):
 
     async def export_grads(self, request: StageRequest) -> list[torch.Tensor]: ...
 
-    async def store_head(self, state: StateSnapshot) -> None: ...
+    async def keep_copy(self, state: StateSnapshot) -> None: ...
 
-    async def export_head(self) -> StateSnapshot: ...
+    async def export_copy(self, request: StageRequest) -> StateSnapshot: ...
 
 
 class StageService(ServicerBase):
@@ -129,21 +129,22 @@ class StageService(ServicerBase):
         for message in to_chunks(await _guarded(handle, "fetch_grads"), Response, chunk_bytes=STATE_CHUNK_BYTES):
             yield message
 
-    async def rpc_put_head(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
-        """The trainer's copy of the embedding, final norm and head (stage 0) for this peer to keep."""
+    async def rpc_put_copy(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        """A state for this peer to keep for others: the trainer's embedding and head (stage 0), or the exact state
+        of a neighbouring stage whose last peer is leaving."""
         async def handle() -> Envelope:
-            await self.backend.store_head(StateSnapshot.parse(await from_chunks(requests, self.backend.max_head_bytes)))
+            await self.backend.keep_copy(StateSnapshot.parse(await from_chunks(requests, self.backend.max_copy_bytes)))
             return Envelope({})
 
-        reply = await _guarded(handle, "put_head", requests, self.backend.max_head_bytes)
+        reply = await _guarded(handle, "put_copy", requests, self.backend.max_copy_bytes)
         for message in to_chunks(reply, Response):
             yield message
 
-    async def rpc_get_head(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
+    async def rpc_get_copy(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
         async def handle() -> Envelope:
-            return (await self.backend.export_head()).envelope()
+            return (await self.backend.export_copy(StageRequest.parse(from_message(request)))).envelope()
 
-        for message in to_chunks(await _guarded(handle, "get_head"), Response, chunk_bytes=STATE_CHUNK_BYTES):
+        for message in to_chunks(await _guarded(handle, "get_copy"), Response, chunk_bytes=STATE_CHUNK_BYTES):
             yield message
 
 
@@ -250,11 +251,12 @@ class StageClient:
         envelope = StageRequest(stage, step, session=session).envelope()
         return (await self._server_stream("rpc_fetch_grads", peer_id, envelope, timeout)).tensors
 
-    async def put_head(self, peer_id: str, state: StateSnapshot, timeout: float) -> None:
-        await self._stream("rpc_put_head", peer_id, state.envelope(), timeout)
+    async def put_copy(self, peer_id: str, state: StateSnapshot, timeout: float) -> None:
+        await self._stream("rpc_put_copy", peer_id, state.envelope(), timeout)
 
-    async def get_head(self, peer_id: str, timeout: float) -> StateSnapshot:
-        return StateSnapshot.parse(await self._server_stream("rpc_get_head", peer_id, Envelope({}), timeout))
+    async def get_copy(self, peer_id: str, stage: int, timeout: float) -> StateSnapshot:
+        envelope = StageRequest(stage).envelope()
+        return StateSnapshot.parse(await self._server_stream("rpc_get_copy", peer_id, envelope, timeout))
 
 
 def _single_tensor(envelope: Envelope, what: str) -> torch.Tensor:

@@ -43,9 +43,9 @@ from tests.integration.harness import TINY_SPEC, Swarm, network
 SPEC = dataclasses.replace(TINY_SPEC, max_message_mb=0.5)  # an oversized message is cheap to send
 REPLY_TIMEOUT = 20.0
 KNOWN_CODES = {BAD_REQUEST, STALE, NOT_READY, TRUNCATED, GROUP_FAILED}
-STREAMING = ("rpc_forward", "rpc_backward", "rpc_put_head")
+STREAMING = ("rpc_forward", "rpc_backward", "rpc_put_copy")
 UNARY = ("rpc_step", "rpc_info")
-SERVER_STREAMING = ("rpc_download_state", "rpc_fetch_grads", "rpc_get_head")
+SERVER_STREAMING = ("rpc_download_state", "rpc_fetch_grads", "rpc_get_copy")
 FIELDS = ("stage", "step", "microbatch", "session", "group", "weights_only", "names", "param_groups", "grad_norm")
 
 
@@ -219,7 +219,7 @@ def test_hostile_messages_get_error_replies_and_the_peer_keeps_serving(live_peer
     run: Callable = client.run
     before = rss_bytes(child.process.pid)
     outcomes: dict[str, int] = {}
-    limit = SPEC.max_message_bytes  # put_head's limit is larger, so this bound is conservative for it
+    limit = SPEC.max_message_bytes  # put_copy's limit is larger, so this bound is conservative for it
 
     @settings(max_examples=40, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
