@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from cfnode.config import RunSpec
-from cfnode.data import TextDataset, load_corpus
+from cfnode.data import TextDataset, batch_generator, load_corpus
 from cfnode.launcher import LocalSwarm, SwarmLayout
 from cfnode.model import build_body_stage, build_head, count_parameters
 
@@ -83,10 +83,9 @@ def run_in_process(spec: RunSpec, dataset: TextDataset, batch_size: int, microba
     parts: list[torch.nn.Module] = [head, *stages]
     optimizers = [torch.optim.AdamW(p.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
                   for p in parts]
-    generator = torch.Generator().manual_seed(seed)  # the trainer's data order for the same seed
 
-    def train_step() -> float:
-        inputs, targets = dataset.sample_batch(batch_size, generator)  # (B, T) each
+    def train_step(step: int) -> float:
+        inputs, targets = dataset.sample_batch(batch_size, batch_generator(seed, step))  # (B, T) each
         losses = []
         for x, y in zip(inputs.chunk(microbatches), targets.chunk(microbatches)):
             hidden = head.embed(x)  # (b, T, C)
@@ -102,12 +101,12 @@ def run_in_process(spec: RunSpec, dataset: TextDataset, batch_size: int, microba
         return sum(losses) / len(losses)
 
     loss = float("nan")
-    for _ in range(warmup):
-        loss = train_step()
+    for step in range(1, warmup + 1):
+        loss = train_step(step)
     step_times = []
-    for _ in range(steps):
+    for step in range(warmup + 1, warmup + steps + 1):
         started = time.perf_counter()
-        loss = train_step()
+        loss = train_step(step)
         step_times.append(time.perf_counter() - started)
     elapsed = sum(step_times)
     tokens = batch_size * spec.seq_len * steps

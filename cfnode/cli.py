@@ -200,9 +200,16 @@ def _check_device(device: str) -> None:
               help="Accept no incoming connections (a DHT client): for a trainer behind NAT or a firewall.")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), envvar="CFNODE_METRICS_PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST: --host).")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), envvar="CFNODE_TRAINER_STATE",
+              help="Keep the embedding and head (with optimiser state) in this file, saved every --state-every "
+                   "steps and on exit; a restarted trainer resumes from it or from the edge stages' copy, whichever "
+                   "is newer.")
+@click.option("--state-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Save the --state file every N steps (and on exit).")
 def train(steps: int, data_path: str | None, batch_size: int, microbatches: int, log_jsonl: str | None,
           eval_every: int, request_timeout: float, stage_timeout: float, ban_seconds: float, device: str, seed: int,
-          client_mode: bool, metrics_port: int | None, **kw: Any) -> None:
+          client_mode: bool, metrics_port: int | None, state_path: str | None, state_every: int,
+          **kw: Any) -> None:
     """Train N steps through the swarm's stages."""
     from cfnode.node.runtime import run_role
     from cfnode.node.trainer import run_train
@@ -212,6 +219,7 @@ def train(steps: int, data_path: str | None, batch_size: int, microbatches: int,
         network=_network(kw, client_mode=client_mode), steps=steps, data_path=data_path, batch_size=batch_size,
         microbatches=microbatches, log_jsonl=log_jsonl, eval_every=eval_every, request_timeout=request_timeout,
         stage_timeout=stage_timeout, ban_seconds=ban_seconds, device=device, seed=seed, metrics_port=metrics_port,
+        state_path=state_path, state_every=state_every,
     ))
     summary = _run("train", lambda: run_role(lambda: run_train(config)))
     click.echo(f"trained to step {summary['final_step']}: loss {summary['loss']:.4f}"

@@ -197,6 +197,8 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0  # data order
     metrics_port: int | None = None  # serve Prometheus metrics at http://<host>:<port>/metrics
+    state_path: str | None = None  # the trainer's own saved embedding and head, to resume from after a restart
+    state_every: int = 10  # save it every N steps (and on exit)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -209,5 +211,7 @@ class TrainConfig:
             raise ConfigError(
                 f"batch size {self.batch_size} must be a multiple of the number of microbatches {self.microbatches}"
             )
+        if self.state_every < 1:
+            raise ConfigError(f"state_every must be at least 1, got {self.state_every}")
         if self.request_timeout <= 0 or self.stage_timeout <= 0 or self.ban_seconds < 0:
             raise ConfigError("timeouts must be positive")

@@ -14,6 +14,12 @@ from torch import Tensor
 DEFAULT_CORPUS_SUBDIRS = ("json", "email", "http", "logging", "asyncio", "importlib", "unittest")
 
 
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """The random source of the batch for optimiser step `step` (1-based): it depends only on the seed and the
+    step, so a restarted trainer, or a run rolled back to a checkpoint, draws exactly the batches it would have."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 class DataError(ValueError):
     """A corpus or dataset that cannot be used; the message says why."""
 

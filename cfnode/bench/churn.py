@@ -31,7 +31,7 @@ import torch
 
 from cfnode.bench.sim import METHODS, SimPipeline
 from cfnode.config import RECOVERY_MODES, RunSpec
-from cfnode.data import TextDataset, load_corpus
+from cfnode.data import TextDataset, batch_generator, load_corpus
 from cfnode.recovery.failures import failure_schedule
 from cfnode.recovery.schedule import microbatch_routes
 
@@ -106,7 +106,6 @@ def run_sim(method: str, rate: float, dataset: TextDataset, config: ChurnConfig,
     schedule = churn_schedule(config, rate) if method != "none" else {}
     pipeline = SimPipeline(spec, method)
     routes = microbatch_routes(spec.num_stages, config.microbatches, method, spec.swap_fraction)
-    generator = torch.Generator().manual_seed(config.seed)
     result = RunResult(method, rate if method != "none" else 0.0)
     costs = dict(compute=0.0, shadow_compute=0.0, checkpoint_save=0.0, checkpoint_load=0.0, rebuild=0.0,
                  rejoin=0.0, redone_steps=0.0, checkpoints=0.0)
@@ -120,7 +119,7 @@ def run_sim(method: str, rate: float, dataset: TextDataset, config: ChurnConfig,
 
     if method == "checkpoint":
         t = time.perf_counter()
-        pipeline.save_checkpoint(checkpoint_dir, generator)
+        pipeline.save_checkpoint(checkpoint_dir)
         costs["checkpoint_save"] += time.perf_counter() - t
         clock += time.perf_counter() - t
     evaluate()
@@ -129,7 +128,7 @@ def run_sim(method: str, rate: float, dataset: TextDataset, config: ChurnConfig,
         return pipeline.step < config.steps or (target is not None and not reached)
 
     while more() and iteration < config.max_iterations:
-        inputs, targets = dataset.sample_batch(config.batch_size, generator)
+        inputs, targets = dataset.sample_batch(config.batch_size, batch_generator(config.seed, pipeline.step + 1))
         t = time.perf_counter()
         loss, shadow_seconds = pipeline.train_step(inputs, targets, routes)
         seconds = time.perf_counter() - t
@@ -139,7 +138,7 @@ def run_sim(method: str, rate: float, dataset: TextDataset, config: ChurnConfig,
         costs["shadow_compute"] += shadow_seconds
         if method == "checkpoint" and pipeline.step % config.checkpoint_every == 0:
             t = time.perf_counter()
-            pipeline.save_checkpoint(checkpoint_dir, generator)
+            pipeline.save_checkpoint(checkpoint_dir)
             elapsed = time.perf_counter() - t
             clock += elapsed
             costs["checkpoint_save"] += elapsed
@@ -149,7 +148,7 @@ def run_sim(method: str, rate: float, dataset: TextDataset, config: ChurnConfig,
             before = pipeline.step
             t = time.perf_counter()
             if method == "checkpoint":
-                pipeline.load_checkpoint(checkpoint_dir, generator)
+                pipeline.load_checkpoint(checkpoint_dir)
                 what = [f"all stages <- checkpoint at step {pipeline.step}"]
                 key = "checkpoint_load"
                 costs["redone_steps"] += before - pipeline.step

@@ -198,20 +198,20 @@ class SimPipeline:
 
     # --- recovery: checkpoints ----------------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: Path, generator: torch.Generator) -> None:
-        """Every stage writes its weights and optimiser to its own file; the head file also holds the data order."""
+    def save_checkpoint(self, directory: Path) -> None:
+        """Every stage writes its weights and optimiser to its own file (the data order follows the step)."""
         directory.mkdir(parents=True, exist_ok=True)
         for stage, model in self.stages.items():
             torch.save({"step": self.step, "model": model.state_dict(),
                         "optimizer": self.optimizers[stage].state_dict(), "grad_norm": self.grad_norms[stage]},
                        directory / f"stage-{stage}.pt.tmp")
-        torch.save({"step": self.step, "model": self.head.state_dict(), "optimizer": self.head_optimizer.state_dict(),
-                    "generator": generator.get_state()}, directory / "stage-0.pt.tmp")
+        torch.save({"step": self.step, "model": self.head.state_dict(), "optimizer": self.head_optimizer.state_dict()},
+                   directory / "stage-0.pt.tmp")
         for stage in range(self.num_stages + 1):  # replace the previous checkpoint only once all files are written
             (directory / f"stage-{stage}.pt.tmp").replace(directory / f"stage-{stage}.pt")
 
-    def load_checkpoint(self, directory: Path, generator: torch.Generator) -> int:
-        """Every stage (and the head, and the data order) rolls back to the files; returns the checkpoint's step."""
+    def load_checkpoint(self, directory: Path) -> int:
+        """Every stage and the head roll back to the files; returns the checkpoint's step."""
         for stage, model in self.stages.items():
             state = torch.load(directory / f"stage-{stage}.pt", weights_only=True)
             model.load_state_dict(state["model"])
@@ -222,6 +222,5 @@ class SimPipeline:
         state = torch.load(directory / "stage-0.pt", weights_only=True)
         self.head.load_state_dict(state["model"])
         self.head_optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
         self.step = int(state["step"])
         return self.step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +72,30 @@ def load_snapshot(state: StateSnapshot, model: BodyStage, optimizer: torch.optim
     except (ValueError, TypeError, KeyError) as e:
         raise ProtocolError(f"optimiser state does not load: {e}") from None
     model.load_state_dict(model_state)
+
+
+def save_state_file(state: StateSnapshot, path: str | Path, run_id: str) -> None:
+    """Write a snapshot to a file atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"run_id": run_id, "stage": state.stage, "step": state.step, "grad_norm": state.grad_norm,
+                "names": state.names, "tensors": state.tensors, "param_groups": state.param_groups}, partial)
+    os.replace(partial, path)
+
+
+def load_state_file(path: str | Path, run_id: str) -> StateSnapshot:
+    """A snapshot written by save_state_file for this run; ProtocolError if it is not one."""
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as e:  # not a torch file, truncated, unreadable
+        raise ProtocolError(f"cannot read state file {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(data, dict) or data.get("run_id") != run_id:
+        raise ProtocolError(f"state file {path} is not from run {run_id!r}")
+    try:
+        return StateSnapshot(int(data["stage"]), int(data["step"]), data["grad_norm"], list(data["names"]),
+                             list(data["tensors"]), list(data["param_groups"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"state file {path} is malformed: {e}") from None
 
 
 def flat_grads(model: torch.nn.Module) -> list[torch.Tensor]:

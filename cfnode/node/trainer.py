@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -25,12 +26,12 @@ from hivemind.p2p import P2P
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import RunSpec, TrainConfig
-from cfnode.data import TextDataset, load_corpus
+from cfnode.data import TextDataset, batch_generator, load_corpus
 from cfnode.model import build_head
 from cfnode.node.events import EventLog
 from cfnode.node.metrics import TrainerMetrics, serving
 from cfnode.node.routing import Backoff, Router, StageUnavailable
-from cfnode.node.stage_state import load_snapshot, snapshot
+from cfnode.node.stage_state import load_snapshot, load_state_file, save_state_file, snapshot
 from cfnode.node.swarm_map import swarm_step
 from cfnode.protocol.messages import (
     BAD_REQUEST,
@@ -82,13 +83,13 @@ class Trainer:
         self.events = EventLog(config.log_jsonl)
         self.metrics = TrainerMetrics()
         self.events.listeners.append(self.metrics.on_event)
-        self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.grad_norms: dict[int, float] = {}
         self._sent: dict[int, dict[int, SentBackward]] = {}  # stage -> microbatch -> accepted backward
         self._known_step: dict[str, int] = {}  # peer -> step it confirmed (fresher than its announcement)
         self._lost_since: dict[int, float] = {}  # stage -> when it was found without a usable peer
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="trainer-compute")
+        self._stepping: asyncio.Future | None = None  # the step being applied
         self.session = secrets.token_hex(8)  # tells stage peers which trainer's gradients they accumulate
 
     # --- the run -------------------------------------------------------------------------------------------
@@ -127,23 +128,38 @@ class Trainer:
             return summary
         finally:
             refresher.cancel()
+            await self._finish_step()
+            if self.step > 0 and (self._stepping is None or self._stepping.done()):
+                try:
+                    await self._save_own_state()
+                except Exception as e:
+                    logger.warning(f"could not save the trainer state to {self.config.state_path}: {e}")
             self.events.close()
             self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def train_step(self) -> float:
-        inputs, targets = self.dataset.sample_batch(self.config.batch_size, self.generator)
+        inputs, targets = self.dataset.sample_batch(self.config.batch_size,
+                                                    batch_generator(self.config.seed, self.step + 1))
         self._sent = {s: {} for s in range(1, self.spec.num_stages + 1)}
         chunks = zip(inputs.chunk(self.config.microbatches), targets.chunk(self.config.microbatches))
         routes = microbatch_routes(self.spec.num_stages, self.config.microbatches, self.spec.recovery,
                                    self.spec.swap_fraction)
         losses = await asyncio.gather(*[self._microbatch(i, x, y, route)
                                         for i, ((x, y), route) in enumerate(zip(chunks, routes))])
+        # Applying the step runs to its end even if this trainer is stopped meanwhile (SIGTERM), so the stages,
+        # the head and the step count never disagree in what it leaves behind.
+        self._stepping = asyncio.ensure_future(self._apply_step())
+        await asyncio.shield(self._stepping)
+        if self.spec.head_copy_every and self.step % self.spec.head_copy_every == 0:
+            await self._copy_head_to_edges()
+        if self.config.state_path and self.step % self.config.state_every == 0:
+            await self._save_own_state()
+        return sum(losses) / len(losses)
+
+    async def _apply_step(self) -> None:
         await asyncio.gather(*[self._step_stage(s) for s in range(1, self.spec.num_stages + 1)])
         await self._compute(self._step_head)
         self.step += 1
-        if self.spec.head_copy_every and self.step % self.spec.head_copy_every == 0:
-            await self._copy_head_to_edges()
-        return sum(losses) / len(losses)
 
     async def evaluate(self) -> float:
         losses = []
@@ -349,14 +365,36 @@ class Trainer:
                 logger.warning(f"copying the head to stage {stage} peer {peer} failed: {_describe(result)}")
         self.events.emit("head_copied", step=self.step, peers=stored)
 
+    async def _finish_step(self) -> None:
+        """Stopped while a step was being applied: let it finish (bounded), so the saved state is consistent."""
+        if self._stepping is None or self._stepping.done():
+            return
+        logger.info("finishing the step being applied before stopping")
+        try:
+            await asyncio.wait_for(asyncio.shield(self._stepping), 2 * self.config.request_timeout)
+        except Exception as e:
+            logger.warning(f"the step did not finish: {type(e).__name__}: {e}")
+
+    async def _save_own_state(self) -> None:
+        if self.config.state_path is None:
+            return
+        state = await self._compute(snapshot, 0, self.step, self.grad_norms.get(0), self.head, self.optimizer)
+        await self._compute(save_state_file, state, self.config.state_path, self.spec.run_id)
+
     async def _restore_head(self) -> None:
-        """Continue from the newest copy of the embedding and head that the edge stages hold, if any."""
+        """Continue from the newest copy of the embedding and head: this trainer's own state file or the copies
+        the edge stages hold. Copies from beyond the swarm's step (it lost progress since) come last."""
         peers = self._edge_peers()
         results = await asyncio.gather(*[self.client.get_copy(peer, 0, self.config.request_timeout)
                                          for _, peer in peers], return_exceptions=True)
         copies = [(r, f"{stage}:{peer}") for (stage, peer), r in zip(peers, results)
                   if not isinstance(r, BaseException)]
-        for state, source in sorted(copies, key=lambda c: -c[0].step):
+        if self.config.state_path is not None and os.path.exists(self.config.state_path):
+            try:
+                copies.append((load_state_file(self.config.state_path, self.spec.run_id), "own state file"))
+            except ProtocolError as e:
+                logger.warning(f"ignoring the trainer state file: {e}")
+        for state, source in sorted(copies, key=lambda c: (c[0].step > self.step, -c[0].step)):
             try:
                 await self._compute(load_snapshot, state, self.head, self.optimizer)
             except ProtocolError as e:

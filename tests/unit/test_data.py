@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cfnode.data import ByteTokenizer, DataError, TextDataset, load_corpus
+from cfnode.data import ByteTokenizer, DataError, TextDataset, batch_generator, load_corpus
 
 
 def test_tokenizer_round_trip():
@@ -95,3 +95,12 @@ def test_val_batches_deterministic_and_disjoint():
         assert x1.shape == y1.shape == (4, 16)
     all_batches = list(ds.val_batches(batch_size=4))
     assert sum(x.shape[0] for x, _ in all_batches) == (ds.val_tokens - 1) // 16
+
+
+def test_batch_of_a_step_depends_only_on_seed_and_step():
+    dataset = TextDataset(b"abcdefghij" * 200, 16)
+    first = dataset.sample_batch(4, batch_generator(3, 10))
+    again = dataset.sample_batch(4, batch_generator(3, 10))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], dataset.sample_batch(4, batch_generator(3, 11))[0])
+    assert not torch.equal(first[0], dataset.sample_batch(4, batch_generator(4, 10))[0])

@@ -6,7 +6,14 @@ from hivemind.proto import runtime_pb2
 
 from cfnode.config import RunSpec
 from cfnode.model import build_body_stage
-from cfnode.node.stage_state import flat_grads, load_snapshot, make_optimizer, snapshot
+from cfnode.node.stage_state import (
+    flat_grads,
+    load_snapshot,
+    load_state_file,
+    make_optimizer,
+    save_state_file,
+    snapshot,
+)
 from cfnode.protocol.messages import ProtocolError, StateSnapshot, from_chunks, to_chunks
 
 SPEC = RunSpec(num_stages=2, layers_per_stage=1, hidden_size=32, num_heads=2, seq_len=16)
@@ -228,3 +235,20 @@ def test_flat_grads_after_backward():
     grads = flat_grads(model)
     for grad, param in zip(grads, model.parameters()):
         assert torch.equal(grad, param.grad)
+
+
+def test_state_file_round_trip_and_refusals(tmp_path):
+    model = build_body_stage(SPEC, 1)
+    optimizer = make_optimizer(model, SPEC)
+    state = snapshot(1, 7, 0.25, model, optimizer)
+    path = tmp_path / "state.pt"
+    save_state_file(state, path, "run")
+    loaded = load_state_file(path, "run")
+    assert (loaded.stage, loaded.step, loaded.grad_norm, loaded.names) == (1, 7, 0.25, state.names)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.tensors, state.tensors))
+    assert not (tmp_path / "state.pt.partial").exists()
+    with pytest.raises(ProtocolError, match="not from run"):
+        load_state_file(path, "another-run")
+    path.write_bytes(b"garbage")
+    with pytest.raises(ProtocolError, match="cannot read"):
+        load_state_file(path, "run")
