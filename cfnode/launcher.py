@@ -76,6 +76,15 @@ def kill_group(child: Child, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of a process group is still there."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def stop_all(children: list[Child], grace: float = 5.0) -> None:
     """SIGTERM every child (it shuts its DHT and daemon down), wait up to `grace` s, then SIGKILL what is left."""
     for child in children:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -13,7 +14,8 @@ from typing import TypeVar
 
 import hivemind
 import uvloop
-from hivemind.p2p import P2P
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import NetworkConfig
@@ -65,14 +67,37 @@ async def connect(network: NetworkConfig) -> AsyncIterator[tuple[hivemind.DHT, P
         if network.identity_path is None:
             shutil.rmtree(os.path.dirname(identity.path), ignore_errors=True)
     p2p = None
+    keepalive = asyncio.create_task(keep_in_touch(dht, network.spec_owners)) if network.spec_owners else None
     try:
         p2p = await dht.replicate_p2p()
         yield dht, p2p, identity
     finally:
+        if keepalive is not None:
+            keepalive.cancel()
         if p2p is not None:
             with contextlib.suppress(Exception):
                 await p2p.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, dht.shutdown)
+
+
+KEEPALIVE_SECONDS = 2.0
+
+
+async def keep_in_touch(dht: hivemind.DHT, peer_ids: tuple[str, ...]) -> None:
+    """Ping the initial peers now and then. A bootstrap that restarts (same identity, same address) comes back with
+    an empty routing table; the pings put every node back in it within seconds, so newcomers that join through it
+    see the whole swarm instead of an island of other newcomers."""
+    targets = [PeerID.from_base58(p) for p in peer_ids]
+    while True:
+        await asyncio.sleep(KEEPALIVE_SECONDS)
+        try:
+            await dht.run_coroutine(functools.partial(_ping, targets=targets), return_future=True)
+        except Exception as e:  # the DHT process is shutting down, or a hiccup: the next round tries again
+            logger.debug(f"keepalive ping failed: {e}")
+
+
+async def _ping(_dht: hivemind.DHT, node: DHTNode, targets: list[PeerID]) -> None:
+    await asyncio.gather(*[node.protocol.call_ping(peer) for peer in targets], return_exceptions=True)
 
 
 def _identity(path: str | None) -> tuple[Identity, bool]:

@@ -335,12 +335,11 @@ class StagePeer:
             raise RequestRefused(BAD_REQUEST, f"this peer serves stage {self.stage}, not stage {stage}")
 
     def _check_step(self, step: int) -> None:
-        if step != self.current_step and not self._step_anchored:
-            # Rebuilt or fresh weights have no step history of their own: take the trainer's step.
-            logger.info(f"stage {self.stage}: taking the trainer's step {step} (was {self.current_step})")
-            self.current_step = step
         if step != self.current_step:
-            if step > self.current_step:
+            # Behind: catch up. Not anchored (fresh or rebuilt weights, no step of their own) and the trainer is
+            # elsewhere: the view this peer joined with may have been incomplete (a DHT that had not caught up
+            # yet), so it looks again before serving.
+            if step > self.current_step or not self._step_anchored:
                 self._start_resync(step)
             raise RequestRefused(STALE, f"peer is at step {self.current_step}, request is for step {step}")
 
@@ -418,6 +417,15 @@ class StagePeer:
         try:
             if replicas:
                 await self.obtain_weights({self.stage: replicas})
+            elif not self._step_anchored:
+                await self.obtain_weights(await live_stage_map(self.dht, self.spec, self.client))
+                async with self._state_lock:
+                    if self.current_step != target_step:
+                        logger.info(f"stage {self.stage}: taking the trainer's step {target_step} "
+                                    f"(was {self.current_step})")
+                        self.current_step = target_step
+                        self._reset_step_buffers()
+                    self._step_anchored = True
             else:
                 # No replica holds the newer weights: this copy is the best the swarm has; carry on from it.
                 logger.warning(f"stage {self.stage}: no replica at step {target_step}; continuing from own weights")

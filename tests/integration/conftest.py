@@ -1,6 +1,7 @@
 import pytest
 
-from tests.integration.harness import Swarm, group_alive, wait_until
+from cfnode.launcher import group_alive
+from tests.integration.harness import Swarm, wait_until
 
 
 @pytest.fixture

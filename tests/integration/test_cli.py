@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from cfnode.launcher import cfnode_command
-from tests.integration.harness import group_alive, wait_until
+from cfnode.launcher import cfnode_command, group_alive
+from tests.integration.harness import wait_until
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

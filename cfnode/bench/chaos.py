@@ -1,0 +1,272 @@
+"""A chaos run: a local swarm trains while stage peers and the bootstrap are SIGKILLed at random times and newcomers
+keep joining. Only the trainer, which holds the data, is spared.
+
+The bootstrap comes back the way a supervisor would bring it back: same identity file, same port, so the address
+every process knows stays valid; the run spec it signed is still on the other DHT nodes meanwhile. Newcomers that
+start while it is down fail to connect and are started again, as a volunteer's restart loop would.
+
+`run_chaos` is shared by `benchmarks/chaos.py` (a long run beside a failure-free one) and the test suite (short).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hivemind.utils.logging import get_logger
+
+from cfnode.config import RunSpec
+from cfnode.launcher import Child, group_alive, kill_group, spawn, stop_all, wait_for_maddr
+from cfnode.node.events import EventFollower
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    spec: RunSpec
+    workdir: Path
+    steps: int = 60
+    replicas: int = 1  # peers per stage at the start
+    batch_size: int = 8
+    microbatches: int = 4
+    data_path: str | None = None
+    seed: int = 0
+    chaos: bool = True  # False: the failure-free baseline, same everything else
+    kill_interval: tuple[float, float] = (4.0, 10.0)  # seconds between kills, drawn uniformly
+    bootstrap_share: float = 0.2  # chance that a kill hits the bootstrap (the first kill always does, if > 0)
+    join_delay: tuple[float, float] = (0.5, 4.0)  # a killed peer's replacement starts after this long
+    extra_join_every: float = 15.0  # an extra newcomer (--stage auto) joins this often (0: never)
+    max_peers: int = 8  # extra newcomers stop once this many stage peers run
+    bootstrap_downtime: tuple[float, float] = (1.0, 4.0)
+    timeout: float = 1800.0
+
+
+@dataclass
+class ChaosResult:
+    exit_code: int
+    steps: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    actions: list[dict[str, Any]] = field(default_factory=list)  # what the chaos did, with times
+    wall_seconds: float = 0.0
+    leftover_groups: list[int] = field(default_factory=list)  # process groups still alive after the stop
+
+    @property
+    def final_loss(self) -> float:
+        return self.steps[-1]["loss"] if self.steps else float("nan")
+
+    @property
+    def final_val_loss(self) -> float | None:
+        vals = [s["val_loss"] for s in self.steps if "val_loss" in s]
+        return vals[-1] if vals else None
+
+    def unmatched_losses(self) -> list[dict[str, Any]]:
+        """stage_lost events with no stage_recovered for that stage after them."""
+        open_losses: dict[int, list[dict[str, Any]]] = {}
+        for event in self.events:
+            if event["event"] == "stage_lost":
+                open_losses.setdefault(event["stage"], []).append(event)
+            elif event["event"] == "stage_recovered" and open_losses.get(event["stage"]):
+                open_losses[event["stage"]].pop(0)
+        return [e for losses in open_losses.values() for e in losses]
+
+    def summary(self) -> dict[str, Any]:
+        counts = Counter(a["action"] for a in self.actions)
+        recovered = [e for e in self.events if e["event"] == "stage_recovered"]
+        downtimes = [e["downtime"] for e in recovered]
+        return {
+            "exit_code": self.exit_code, "steps": len(self.steps), "wall_seconds": round(self.wall_seconds, 1),
+            "final_loss": self.final_loss, "final_val_loss": self.final_val_loss,
+            "peers_killed": counts["kill_peer"], "bootstrap_kills": counts["kill_bootstrap"],
+            "newcomers": counts["join"], "failed_joins": counts["join_failed"],
+            "stage_lost": sum(e["event"] == "stage_lost" for e in self.events), "stage_recovered": len(recovered),
+            "unmatched_losses": len(self.unmatched_losses()),
+            "recovery_sources": dict(Counter(e["source"] for e in recovered)),
+            "mean_downtime": round(sum(downtimes) / len(downtimes), 2) if downtimes else None,
+            "peer_failures": sum(e["event"] == "peer_failed" for e in self.events),
+            "leftover_process_groups": len(self.leftover_groups),
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ChaosSwarm:
+    def __init__(self, config: ChaosConfig):
+        self.config = config
+        self.workdir = config.workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.rng = random.Random(config.seed)
+        self.children: list[Child] = []
+        self.peers: list[Child] = []
+        self.bootstrap: Child | None = None
+        self.port = free_port()
+        self.maddr = ""
+        self.actions: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._pending_joins: list[float] = []  # monotonic times at which a newcomer is due
+        self._joining: list[Child] = []  # newcomers not yet known to have connected
+        self._stop = threading.Event()
+
+    def _act(self, action: str, **fields: Any) -> None:
+        record = {"action": action, "t": round(time.monotonic() - self.started, 2), **fields}
+        self.actions.append(record)
+        logger.info(f"chaos: {action} {json.dumps(fields) if fields else ''}")
+
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        child = spawn(name, args, self.workdir / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    def start_bootstrap(self) -> None:
+        spec_path = self.workdir / "spec.json"
+        spec_path.write_text(json.dumps(self.config.spec.to_dict(), indent=2))
+        maddr_path = self.workdir / "bootstrap.maddr"
+        maddr_path.unlink(missing_ok=True)
+        name = f"bootstrap-{sum(c.name.startswith('bootstrap') for c in self.children)}"
+        self.bootstrap = self._spawn(name, [
+            "bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path), "--port", str(self.port),
+            "--identity", str(self.workdir / "bootstrap.key"), "--run-id", self.config.spec.run_id])
+        self.maddr = wait_for_maddr(maddr_path, self.bootstrap, timeout=60)
+
+    def start_peer(self, stage: int | str) -> Child:
+        child = self._spawn(f"peer-{len(self.peers)}-stage-{stage}", [
+            "join", "--initial-peers", self.maddr, "--stage", str(stage), "--run-id", self.config.spec.run_id,
+            "--connect-timeout", "10"])
+        self.peers.append(child)
+        return child
+
+    def live_peers(self) -> list[Child]:
+        return [c for c in self.peers if c.process.poll() is None]
+
+    def run(self) -> ChaosResult:
+        config = self.config
+        events_path = self.workdir / "events.jsonl"
+        stop = self._stop
+        try:
+            self.start_bootstrap()
+            for stage in range(1, config.spec.num_stages + 1):
+                for _ in range(config.replicas):
+                    self.start_peer(stage)
+            args = ["train", "--initial-peers", self.maddr, "--steps", str(config.steps),
+                    "--batch-size", str(config.batch_size), "--microbatches", str(config.microbatches),
+                    "--run-id", config.spec.run_id, "--log-jsonl", str(events_path), "--seed", str(config.seed),
+                    "--request-timeout", "10", "--ban-seconds", "3", "--eval-every", "10"]
+            if config.data_path:
+                args += ["--data", config.data_path]
+            trainer = self._spawn("trainer", args)
+            follower = EventFollower(events_path)
+            if config.chaos:
+                threading.Thread(target=self._chaos, args=(follower, stop), daemon=True).start()
+            deadline = time.monotonic() + config.timeout
+            while trainer.process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            exit_code = trainer.process.poll()
+            if exit_code is None:
+                logger.warning(f"the trainer did not finish within {config.timeout:.0f} s")
+                exit_code = -1
+        finally:
+            stop.set()
+            with self._lock:
+                stop_all(self.children)
+        groups = [c.process.pid for c in self.children]
+        deadline = time.monotonic() + 15
+        while any(group_alive(g) for g in groups) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        events = EventFollower(events_path).poll()
+        return ChaosResult(exit_code, [e for e in events if e["event"] == "step"], events, self.actions,
+                           time.monotonic() - self.started, [g for g in groups if group_alive(g)])
+
+    # --- the chaos thread ------------------------------------------------------------------------------------
+
+    def _chaos(self, follower: EventFollower, stop: threading.Event) -> None:
+        config = self.config
+        while not stop.is_set() and not any(e["event"] == "step" for e in follower.events):
+            follower.poll()
+            stop.wait(0.2)  # start once training does
+        next_kill = time.monotonic() + self.rng.uniform(*config.kill_interval)
+        next_extra = time.monotonic() + config.extra_join_every if config.extra_join_every else float("inf")
+        while not stop.wait(0.1):
+            with self._lock:
+                if stop.is_set():
+                    return
+                now = time.monotonic()
+                self._start_due_joins(now)
+                if now >= next_kill:
+                    self._kill_something()
+                    next_kill = now + self.rng.uniform(*config.kill_interval)
+                if now >= next_extra:
+                    if len(self.live_peers()) < config.max_peers and self.bootstrap_up():
+                        self._join("extra")
+                    next_extra = now + config.extra_join_every
+
+    def bootstrap_up(self) -> bool:
+        return self.bootstrap is not None and self.bootstrap.process.poll() is None and bool(self.maddr)
+
+    def _kill_something(self) -> None:
+        first = not self.actions
+        share = self.config.bootstrap_share
+        if self.bootstrap_up() and share > 0 and (first or self.rng.random() < share):
+            kill_group(self.bootstrap)
+            self.bootstrap.process.wait(10)
+            downtime = self.rng.uniform(*self.config.bootstrap_downtime)
+            self._act("kill_bootstrap", downtime=round(downtime, 2))
+            threading.Timer(downtime, self._restart_bootstrap).start()
+            return
+        candidates = self.live_peers()
+        if not candidates:
+            return
+        victim = self.rng.choice(candidates)
+        kill_group(victim)
+        victim.process.wait(10)
+        self._act("kill_peer", peer=victim.name)
+        self._pending_joins.append(time.monotonic() + self.rng.uniform(*self.config.join_delay))
+
+    def _restart_bootstrap(self) -> None:
+        with self._lock:
+            if self._stop.is_set() or (self.bootstrap is not None and self.bootstrap.process.poll() is None):
+                return
+            try:
+                self.start_bootstrap()
+            except Exception as e:  # the port may be busy for a moment: try again shortly
+                self._act("bootstrap_restart_failed", reason=str(e)[:200])
+                threading.Timer(1.0, self._restart_bootstrap).start()
+                return
+            self._act("restart_bootstrap")
+
+    def _start_due_joins(self, now: float) -> None:
+        # A newcomer that could not connect (the bootstrap was down) exits; start it again.
+        for child in list(self._joining):
+            code = child.process.poll()
+            if code is not None and code != 0 and "joining stage" not in child.log_path.read_text(errors="replace"):
+                self._joining.remove(child)
+                self._act("join_failed", peer=child.name, status=code)
+                self._pending_joins.append(now + 1.0)
+            elif code is None and "joining stage" in child.log_path.read_text(errors="replace"):
+                self._joining.remove(child)
+        due = [t for t in self._pending_joins if t <= now]
+        if not due or not self.bootstrap_up():
+            return
+        for t in due:
+            self._pending_joins.remove(t)
+            self._join("replacement")
+
+    def _join(self, why: str) -> None:
+        child = self.start_peer("auto")
+        self._joining.append(child)
+        self._act("join", peer=child.name, why=why)
+
+
+def run_chaos(config: ChaosConfig) -> ChaosResult:
+    return ChaosSwarm(config).run()

@@ -1,0 +1,21 @@
+"""A short chaos run: random SIGKILLs of stage peers and the bootstrap while newcomers join; the run finishes every
+step, each lost stage is recovered, and nothing is left running."""
+
+from __future__ import annotations
+
+from cfnode.bench.chaos import ChaosConfig, run_chaos
+from tests.integration.harness import TINY_SPEC
+
+
+def test_training_survives_random_kills_of_peers_and_bootstrap(tmp_path):
+    config = ChaosConfig(spec=TINY_SPEC.replace(head_copy_every=5), workdir=tmp_path, steps=30, replicas=1,
+                         kill_interval=(3.0, 6.0), bootstrap_share=0.3, extra_join_every=8.0, max_peers=6,
+                         timeout=600)
+    result = run_chaos(config)
+    summary = result.summary()
+    assert result.exit_code == 0, summary
+    assert [s["step"] for s in result.steps] == list(range(1, 31))
+    assert summary["peers_killed"] >= 2 and summary["bootstrap_kills"] >= 1, result.actions
+    assert any(a["action"] == "restart_bootstrap" for a in result.actions), result.actions
+    assert summary["stage_lost"] >= 1 and result.unmatched_losses() == [], result.events
+    assert result.leftover_groups == []
