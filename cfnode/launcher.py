@@ -152,8 +152,10 @@ class LocalSwarm:
         name = f"peer-{index}-stage-{stage}"
         # Peers log to files at info at least: stage_of() reads "joining stage N" from there.
         level = "debug" if self.layout.log_level == "debug" else "info"
+        # --leave-timeout 0: the local swarm stops as a whole, when a hand-over to another peer is pointless.
         child = spawn(name, ["join", "--initial-peers", self.maddr, "--stage", str(stage),
-                             "--run-id", self.layout.spec.run_id, "--log-level", level, *extra],
+                             "--run-id", self.layout.spec.run_id, "--log-level", level, "--leave-timeout", "0",
+                             *extra],
                       self.workdir / f"{name}.log")
         self._record(child)
         self.peers.append(child)

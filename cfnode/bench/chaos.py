@@ -143,7 +143,7 @@ class ChaosSwarm:
     def start_peer(self, stage: int | str) -> Child:
         child = self._spawn(f"peer-{len(self.peers)}-stage-{stage}", [
             "join", "--initial-peers", self.maddr, "--stage", str(stage), "--run-id", self.config.spec.run_id,
-            "--connect-timeout", "10"])
+            "--connect-timeout", "10", "--leave-timeout", "0"])  # kills are SIGKILLs; the final stop is for all
         self.peers.append(child)
         return child
 

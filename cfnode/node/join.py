@@ -42,7 +42,7 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
                 ready.set()
             await wait_forever()
         finally:
-            if peer.state == PeerState.ONLINE:  # the announcer keeps the LEAVING record fresh meanwhile
+            if peer.state == PeerState.ONLINE and config.leave_timeout > 0:  # the announcer refreshes LEAVING
                 logger.info(f"stage {stage}: leaving (up to {config.leave_timeout:.0f} s to hand over)")
                 try:
                     await peer.leave(config.leave_timeout)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -103,46 +103,44 @@ class StagePeer:
     async def obtain_weights(self, stage_map: StageMap) -> None:
         """Copy a replica exactly if there is one (a leaving one counts: it waits to hand its state over), else an
         exact copy a leaving last peer left with a neighbour, else rebuild the stage (see recovery.rebuild)."""
+        timeout = self.request_timeout * 4
         replicas = [p for p in stage_map.get(self.stage, [])
                     if p.state in (PeerState.ONLINE, PeerState.LEAVING) and p.peer_id != self.peer_id]
         random.shuffle(replicas)
-        for replica in sorted(replicas, key=lambda p: -p.step):
-            try:
-                started = time.perf_counter()
-                state = await self.client.download_state(replica.peer_id, self.stage, self.request_timeout * 4)
-                await self._load(state)
-            except Exception as e:
-                logger.warning(f"stage {self.stage}: state download from {replica.peer_id} failed: {e}")
-                continue
-            self.source, self.recovered_from = "replica", [f"{self.stage}:{replica.peer_id}"]
-            self._step_anchored = True
-            logger.info(f"stage {self.stage}: copied step {self.current_step} from replica {replica.peer_id} "
-                        f"in {time.perf_counter() - started:.2f} s")
+        replicas.sort(key=lambda p: -p.step)
+        if await self._copy_exact(replicas, "replica",
+                                  lambda p: self.client.download_state(p.peer_id, self.stage, timeout)):
             return
-        if await self._take_handoff(stage_map):
+        current = swarm_step(stage_map)
+
+        async def current_copy(holder: StageAnnouncement) -> StateSnapshot:
+            state = await self.client.get_copy(holder.peer_id, self.stage, timeout)
+            if state.step < current:  # left before the swarm moved on: stale, so rebuild instead
+                raise ProtocolError(f"the kept copy is at step {state.step}, the swarm at step {current}")
+            return state
+
+        holders = [p for s in (self.stage - 1, self.stage + 1) for p in online(stage_map.get(s, []))
+                   if self.stage in p.kept]
+        if await self._copy_exact(holders, "handoff", current_copy):
             return
         await self._rebuild(stage_map)
 
-    async def _take_handoff(self, stage_map: StageMap) -> bool:
-        """Load the exact state this stage's last peer left with a neighbour, if one is kept and current."""
-        current = swarm_step(stage_map)
-        holders = [p for s in (self.stage - 1, self.stage + 1) for p in online(stage_map.get(s, []))
-                   if self.stage in p.kept]
-        for holder in holders:
+    async def _copy_exact(self, peers: list[StageAnnouncement], source: str,
+                          fetch: Callable[[StageAnnouncement], Awaitable[StateSnapshot]]) -> bool:
+        """Load the first state `fetch` gets from `peers` as this stage's exact state (weights, optimiser, step)."""
+        for peer in peers:
             try:
-                state = await self.client.get_copy(holder.peer_id, self.stage, self.request_timeout * 4)
-                if state.step < current:  # left before the swarm moved on: stale, so rebuild instead
-                    logger.info(f"stage {self.stage}: the copy kept by {holder.peer_id} is at step {state.step}, "
-                                f"the swarm at step {current}; not using it")
-                    continue
-                await self._load(state)
+                started = time.perf_counter()
+                await self._load(await fetch(peer))
             except Exception as e:
-                logger.warning(f"stage {self.stage}: taking the copy kept by {holder.peer_id} failed: {e}")
+                logger.warning(f"stage {self.stage}: taking the state of stage {peer.stage} peer {peer.peer_id} "
+                               f"({source}) failed: {e}")
                 continue
-            self.source, self.recovered_from = "handoff", [f"{holder.stage}:{holder.peer_id}"]
+            self.source, self.recovered_from = source, [f"{peer.stage}:{peer.peer_id}"]
             self._step_anchored = True
-            logger.info(f"stage {self.stage}: took over the exact state at step {self.current_step} that its last "
-                        f"peer left with stage {holder.stage} peer {holder.peer_id}")
+            origin = "replica" if source == "replica" else f"the copy kept by stage {peer.stage} peer"
+            logger.info(f"stage {self.stage}: copied step {self.current_step} from {origin} {peer.peer_id} "
+                        f"in {time.perf_counter() - started:.2f} s")
             return True
         return False
 

@@ -104,7 +104,8 @@ class Swarm:
         return child.log_path.read_text(errors="replace") if child.log_path.exists() else ""
 
     def close(self) -> None:
-        stop_all(self.children, grace=3.0)
+        # Teardown: no clean leaves (every peer would wait for a hand-over that cannot come), just stop.
+        stop_all(self.children, grace=0.5)
 
 
 def run_async(coro_fn: Callable[..., Any], *args: Any) -> Any:
