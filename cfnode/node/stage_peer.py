@@ -333,10 +333,13 @@ class StagePeer:
             raise RequestRefused(BAD_REQUEST, f"this peer serves stage {self.stage}, not stage {stage}")
 
     def _check_step(self, step: int) -> None:
+        if step != self.current_step and not self._step_anchored and self.source != "fresh":
+            # Rebuilt weights have no step history of their own: take the trainer's step.
+            logger.info(f"stage {self.stage}: taking the trainer's step {step} (was {self.current_step})")
+            self.current_step = step
         if step != self.current_step:
-            # Behind: catch up. Not anchored (fresh or rebuilt weights, no step of their own) and the trainer is
-            # elsewhere: the view this peer joined with may have been incomplete (a DHT that had not caught up
-            # yet), so it looks again before serving.
+            # Behind: catch up. Fresh weights while the trainer is elsewhere: the view this peer joined with may
+            # have been incomplete (a DHT that had not caught up yet), so it looks again before serving.
             if step > self.current_step or not self._step_anchored:
                 self._start_resync(step)
             raise RequestRefused(STALE, f"peer is at step {self.current_step}, request is for step {step}")
@@ -415,7 +418,7 @@ class StagePeer:
         try:
             if replicas:
                 await self.obtain_weights({self.stage: replicas})
-            elif not self._step_anchored:
+            elif not self._step_anchored:  # fresh weights: a second look at the swarm
                 await self.obtain_weights(await live_stage_map(self.dht, self.spec, self.client))
                 async with self._state_lock:
                     if self.current_step != target_step:
