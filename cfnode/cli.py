@@ -327,8 +327,8 @@ def _comma_list(kind: type, choices: tuple[str, ...] | None = None) -> Callable[
 
 @bench.command()
 @click.option("--methods", default="all", show_default=True,
-              help="Comma list of none, checkpoint, redundant, checkfree, checkfree+, uniform, copy, random, or all "
-                   "(with --backend swarm: checkfree).")
+              help="Comma list of none, checkpoint, redundant, checkfree, checkfree+, uniform, copy, random, "
+                   "checkfree+refit, checkfree++refit, copy+refit, or all (with --backend swarm: checkfree).")
 @click.option("--failure-rates", "rates", default="0.05,0.10,0.16", show_default=True,
               callback=_comma_list(float), help="Hourly failure rates per stage, comma list.")
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Training steps per run.")
@@ -356,10 +356,14 @@ def _comma_list(kind: type, choices: tuple[str, ...] | None = None) -> Callable[
 @click.option("--eval-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Validation loss every N iterations.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads.")
+@click.option("--refit-cache", type=click.IntRange(min=1), default=16, show_default=True,
+              help="The +refit methods: (input, output) pairs kept per stage for the refit.")
+@click.option("--refit-steps", type=click.IntRange(min=1), default=200, show_default=True,
+              help="The +refit methods: at most this many refit steps.")
 def churn(methods: str, rates: list[float], steps: int, target_loss: float | None, data_path: str | None, seed: int,
           out_dir: str, backend: str, step_hours: float, rejoin_seconds: float, checkpoint_every: int, stages: int,
           layers_per_stage: int, hidden: int, seq_len: int, batch_size: int, microbatches: int, eval_every: int,
-          threads: int) -> None:
+          threads: int, refit_cache: int, refit_steps: int) -> None:
     """Time to a target validation loss under stage failures, per recovery method (the paper's Table 2)."""
     from cfnode.bench.churn import DEFAULT_SPEC, ChurnConfig, run_churn
     from cfnode.bench.sim import METHODS
@@ -368,7 +372,8 @@ def churn(methods: str, rates: list[float], steps: int, target_loss: float | Non
     if backend == "swarm" and methods.strip() == "all":
         chosen = ["checkfree"]
     spec = _run("bench churn", lambda: DEFAULT_SPEC.replace(num_stages=stages, layers_per_stage=layers_per_stage,
-                                                            hidden_size=hidden, seq_len=seq_len, seed=seed))
+                                                            hidden_size=hidden, seq_len=seq_len, seed=seed,
+                                                            refit_cache=refit_cache, refit_steps=refit_steps))
     config = ChurnConfig(spec=spec, steps=steps, batch_size=batch_size, microbatches=microbatches,
                          eval_every=eval_every, step_hours=step_hours, rejoin_seconds=rejoin_seconds,
                          checkpoint_every=checkpoint_every, seed=seed, threads=threads)

@@ -51,6 +51,11 @@ class RunSpec:
     head_copy_every: int = 10  # the trainer copies embedding, norm and head to stages 1 and S every N steps (0: off)
     announce_ttl: float = 10.0  # seconds an announcement lives unless refreshed
     max_message_mb: float = 64.0  # largest activation or gradient payload a peer accepts
+    # Refit (cfnode.recovery.refit): the trainer keeps each stage's last refit_cache (input, output) microbatch
+    # pairs, and a newcomer that rebuilds a stage regresses it onto them for at most refit_steps steps. 0: off.
+    refit_cache: int = 0
+    refit_steps: int = 200
+    refit_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         positive_ints = ("num_stages", "layers_per_stage", "hidden_size", "num_heads", "seq_len", "vocab_size")
@@ -60,7 +65,11 @@ class RunSpec:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.num_stages > MAX_STAGES:
             raise ConfigError(f"num_stages must be at most {MAX_STAGES}, got {self.num_stages}")
-        for name in ("lr", "grad_clip", "lr_scale", "announce_ttl", "max_message_mb"):
+        for name in ("refit_cache", "refit_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("lr", "grad_clip", "lr_scale", "announce_ttl", "max_message_mb", "refit_lr"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from cfnode.bench.sim import METHODS, SimPipeline
+from cfnode.bench.sim import METHODS, SimPipeline, recovery_mode
 from cfnode.config import RECOVERY_MODES, RunSpec
 from cfnode.data import TextDataset, batch_generator, load_corpus
 from cfnode.recovery.failures import failure_schedule
@@ -102,10 +102,11 @@ def run_sim(method: str, rate: float, dataset: TextDataset, config: ChurnConfig,
             log: Callable[[str], None] = print, target: float | None = None) -> RunResult:
     """Train `config.steps` steps with `method`, losing stages on the (seed, rate) schedule; with a target, go on
     until the validation loss reaches it, at most `config.max_iterations` iterations in all."""
-    spec = config.spec.replace(recovery=method if method in RECOVERY_MODES else "none")
+    mode, _ = recovery_mode(method)
+    spec = config.spec.replace(recovery=mode if mode in RECOVERY_MODES else "none")
     schedule = churn_schedule(config, rate) if method != "none" else {}
     pipeline = SimPipeline(spec, method)
-    routes = microbatch_routes(spec.num_stages, config.microbatches, method, spec.swap_fraction)
+    routes = microbatch_routes(spec.num_stages, config.microbatches, mode, spec.swap_fraction)
     result = RunResult(method, rate if method != "none" else 0.0)
     costs = dict(compute=0.0, shadow_compute=0.0, checkpoint_save=0.0, checkpoint_load=0.0, rebuild=0.0,
                  rejoin=0.0, redone_steps=0.0, checkpoints=0.0)
@@ -183,10 +184,11 @@ def run_swarm(method: str, rate: float, config: ChurnConfig, data_path: str | No
     """The same run on real processes on 127.0.0.1: LocalSwarm, its peers SIGKILLed on the same schedule."""
     from cfnode.launcher import LocalSwarm, SwarmLayout
 
-    if method not in RECOVERY_MODES:
-        raise ValueError(f"the swarm backend runs the live recovery modes ({', '.join(RECOVERY_MODES)}); "
-                         f"{method!r} exists only in the sim")
-    spec = config.spec.replace(recovery=method, run_id="bench")
+    mode, refits = recovery_mode(method)
+    if mode not in RECOVERY_MODES:
+        raise ValueError(f"the swarm backend runs the live recovery modes ({', '.join(RECOVERY_MODES)}) and their "
+                         f"+refit variants; {method!r} exists only in the sim")
+    spec = config.spec.replace(recovery=mode, run_id="bench", refit_cache=config.spec.refit_cache if refits else 0)
     schedule = churn_schedule(config, rate) if method != "none" else {}
     # The trainer never reaches a step past --steps, and a kill after the last step would hit nothing.
     kills = [(stage, it) for it, stages in schedule.items() if it < config.steps for stage in stages]

@@ -10,6 +10,8 @@ microbatch gradients in microbatch order before it clips and steps. Recovery is 
   then a fresh optimiser at lr * lr_scale (as `StagePeer._rebuild`);
 - `checkpoint`: every stage (and the head, and the data order) is saved to files every N steps; a lost stage rolls
   every stage back to the last checkpoint and the steps since are redone;
+- `checkfree+refit`, `checkfree++refit` (CheckFree+ then refit), `copy+refit`: the rebuild, then `refit` on the
+  lost stage's last `refit_cache` (input, output) pairs, which the pipeline caches as the trainer does;
 - `redundant` (Bamboo-style): stage s-1 keeps a shadow of stage s (stage S's shadow lives on stage 1) that runs the
   same forward and backward on the same inputs and output gradients and applies the same update, so a lost stage is
   replaced by its shadow exactly; the shadow's compute is measured.
@@ -30,9 +32,19 @@ from cfnode.model import BodyStage, HeadModule
 from cfnode.model.stages import build_body_stage, build_head
 from cfnode.node.stage_state import make_optimizer
 from cfnode.recovery.rebuild import plan_rebuild, rebuild_weights
+from cfnode.recovery.refit import ActivationCache, RefitResult, refit
 
 REBUILD_METHODS = ("checkfree", "checkfree+", "uniform", "copy", "random")
-METHODS = ("none", "checkpoint", "redundant", *REBUILD_METHODS)
+# A rebuild followed by a refit on the lost stage's cached activations (cfnode.recovery.refit).
+REFIT_METHODS = ("checkfree+refit", "checkfree++refit", "copy+refit")
+METHODS = ("none", "checkpoint", "redundant", *REBUILD_METHODS, *REFIT_METHODS)
+
+
+def recovery_mode(method: str) -> tuple[str, bool]:
+    """The live recovery mode a method rebuilds with, and whether it refits afterwards."""
+    if method in REFIT_METHODS:
+        return method.removesuffix("+refit"), True
+    return method, False
 
 
 def stage_backward(model: torch.nn.Module, hidden: torch.Tensor,
@@ -76,6 +88,11 @@ class SimPipeline:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         self.spec, self.method = spec, method
+        self.mode, self.refits = recovery_mode(method)
+        if self.refits and spec.refit_cache == 0:
+            raise ValueError(f"method {method} needs a run spec with refit_cache > 0")
+        self.cache = ActivationCache(spec.refit_cache if self.refits else 0)
+        self.refit_results: list[RefitResult] = []
         self.num_stages = spec.num_stages
         self.head: HeadModule = build_head(spec)
         # The trainer's own optimiser (cfnode.node.trainer.Trainer).
@@ -107,6 +124,7 @@ class SimPipeline:
                 stage_inputs[stage] = hidden
                 with torch.no_grad():
                     hidden = self.stages[stage](hidden)
+                self.cache.record(stage, stage_inputs[stage], hidden)
             hidden = hidden.requires_grad_(True)
             loss = self.head.loss(hidden, y)
             (loss / microbatches).backward()
@@ -155,15 +173,20 @@ class SimPipeline:
         sources = {s: {k: v.clone() for k, v in self.stages[s].state_dict().items()} for s in live}
         described = []
         for stage in sorted(lost):
-            plan = plan_rebuild(stage, self.num_stages, live, self.method, trained=self.step > 0)
+            plan = plan_rebuild(stage, self.num_stages, live, self.mode, trained=self.step > 0)
             fresh = build_body_stage(self.spec, stage).state_dict() if not plan.sources else {}
             new_state = rebuild_weights(plan, [sources[s] for s in plan.sources],
                                         [self.grad_norms[s] for s in plan.sources], fresh)
             self.stages[stage].load_state_dict(new_state)
+            refitted = ""
+            if self.refits:
+                result = refit(self.stages[stage], self.cache.pairs(stage), self.spec.refit_steps, self.spec.refit_lr)
+                self.refit_results.append(result)
+                refitted = f" refit {result.steps} steps {result.loss_before:.4g}->{result.loss_after:.4g}"
             lr = self.spec.lr * (self.spec.lr_scale if plan.kind not in ("fresh",) else 1.0)
             self.optimizers[stage] = make_optimizer(self.stages[stage], self.spec, lr=lr)
             self.grad_norms[stage] = None
-            described.append(f"{stage}<-{plan.kind}{list(plan.sources)}")
+            described.append(f"{stage}<-{plan.kind}{list(plan.sources)}{refitted}")
         return described
 
     # --- recovery: redundant computation ------------------------------------------------------------------------

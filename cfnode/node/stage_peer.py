@@ -22,7 +22,7 @@ from cfnode.config import JoinConfig, RunSpec
 from cfnode.model import build_body_stage, build_head
 from cfnode.node.stage_choice import choose_stage, is_live
 from cfnode.node.stage_state import flat_grads, load_snapshot, make_optimizer, model_state, snapshot
-from cfnode.node.swarm_map import StageMap, merge_stage_maps, online, read_stage_map, swarm_step
+from cfnode.node.swarm_map import StageMap, merge_stage_maps, online, read_stage_map, read_trainers, swarm_step
 from cfnode.protocol.identity import Identity
 from cfnode.protocol.keys import stage_key
 from cfnode.protocol.messages import (
@@ -42,6 +42,7 @@ from cfnode.protocol.records import PeerState, StageAnnouncement
 from cfnode.protocol.service import RequestRefused, StageClient
 from cfnode.protocol.validation import validate_hidden
 from cfnode.recovery.rebuild import plan_rebuild, rebuild_weights, source_weights
+from cfnode.recovery.refit import refit
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -92,6 +93,7 @@ class StagePeer:
         self._announce_lock = asyncio.Lock()
         self._step_anchored = False  # True once this copy has stepped or copied a replica: its step is real
         self.recovery_timing: dict[str, float] = {}
+        self.refit_report: dict = {}  # a rebuilt stage's refit result, or why it was skipped (announced)
         # State copies kept for others: the trainer's embedding and head (stage 0), for a new trainer, and a
         # neighbouring stage's exact state, handed over by its last peer on a clean leave, for the next newcomer.
         self.kept: dict[int, StateSnapshot] = {}
@@ -184,6 +186,38 @@ class StagePeer:
                         f"rebuild {self.recovery_timing['rebuild']:.2f} s")
         elif trained:
             logger.warning(f"stage {self.stage}: starting from {plan.kind} weights at step {self.current_step}")
+        if trained and self.spec.refit_cache:
+            started = time.perf_counter()
+            await self._refit()
+            self.recovery_timing["refit"] = round(time.perf_counter() - started, 4)
+
+    async def _refit(self) -> None:
+        """Regress the rebuilt weights onto the lost stage's recent (input, output) pairs, cached by the trainer."""
+        reason = "no trainer announces cached activations (a trainer that started after the loss has none)"
+        pairs: list = []
+        origin = ""
+        for trainer in await read_trainers(self.dht, self.spec):
+            try:
+                pairs = await self.client.activations(trainer.peer_id, self.stage, self.request_timeout * 4)
+                for inputs, outputs in pairs:
+                    validate_hidden(inputs, self.spec, "cached input")
+                    validate_hidden(outputs, self.spec, "cached output")
+            except Exception as e:
+                reason = f"trainer {trainer.peer_id} gave no usable activations: {type(e).__name__}: {e}"
+                pairs = []
+                continue
+            origin = trainer.peer_id
+            reason = "the trainer holds no activations of this stage yet"
+            break
+        if not pairs:
+            self.refit_report = {"skipped": reason[:200]}
+            logger.info(f"stage {self.stage}: skipping the refit: {reason}")
+            return
+        async with self._state_lock:
+            result = await self._compute(refit, self.model, pairs, self.spec.refit_steps, self.spec.refit_lr)
+        self.refit_report = {**result.to_wire(), "trainer": origin}
+        logger.info(f"stage {self.stage}: refit on {result.pairs} cached pairs from trainer {origin}: {result.steps} "
+                    f"steps, held-out loss {result.loss_before:.5g} -> {result.loss_after:.5g} ({result.stopped})")
 
     async def _download_weights(self, stage: int, stage_map: StageMap) -> tuple[str, StateSnapshot] | None:
         """The weights and last gradient norm of one live peer of `stage`; None if none of them answers."""
@@ -480,7 +514,7 @@ class StagePeer:
             logger.warning(f"stage {self.stage}: last peer leaving and no neighbour took its state; the next "
                            f"newcomer rebuilds the stage by {self.spec.recovery}")
 
-    async def _wait_for_newcomer(self, deadline: float, grace: float = 1.5) -> None:
+    async def _wait_for_newcomer(self, deadline: float, grace: float = 3.0) -> None:
         """Stay while a newcomer joining this stage copies this peer, until it is online. A standby spare claims
         the stage within its poll interval, so wait `grace` seconds for one to show up."""
         noticed_by = time.monotonic() + grace
@@ -503,7 +537,7 @@ class StagePeer:
             peer_id=self.peer_id, stage=self.stage, state=self.state, step=self.current_step,
             throughput=round(self.throughput.value, 3), load=self.load, grad_norm=self.grad_norm,
             source=self.source, recovered_from=list(self.recovered_from), announced_at=round(get_dht_time(), 3),
-            kept=sorted(self.kept),
+            kept=sorted(self.kept), refit=dict(self.refit_report),
         )
 
     async def announce(self) -> None:

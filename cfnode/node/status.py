@@ -20,7 +20,7 @@ logger = get_logger(__name__)
 async def collect_status(network: NetworkConfig) -> dict[str, Any]:
     async with connect(network) as (dht, _p2p, _identity):
         spec = await read_spec(dht, network)
-        return await _report(dht, spec)
+        return await stage_report(dht, spec)
 
 
 async def watch_status(network: NetworkConfig, interval: float, show: Callable[[dict[str, Any]], None]) -> None:
@@ -29,7 +29,7 @@ async def watch_status(network: NetworkConfig, interval: float, show: Callable[[
         spec = await read_spec(dht, network)
         while True:
             try:
-                report = await _report(dht, spec)
+                report = await stage_report(dht, spec)
             except Exception as e:  # a DHT hiccup: say so and try again at the next refresh
                 logger.warning(f"could not read the stage map: {type(e).__name__}: {e}")
             else:
@@ -37,7 +37,7 @@ async def watch_status(network: NetworkConfig, interval: float, show: Callable[[
             await asyncio.sleep(interval)
 
 
-async def _report(dht, spec) -> dict[str, Any]:
+async def stage_report(dht, spec) -> dict[str, Any]:
     stage_map = await read_stage_map(dht, spec)
     now = get_dht_time()
     stages = []
@@ -63,6 +63,11 @@ def render_table(report: dict[str, Any]) -> str:
             peer = "…" + p["peer_id"][-18:]
             source = p["source"] + (f" <- {', '.join(p['recovered_from'])}" if p["source"] not in ("fresh", "replica")
                                     and p["recovered_from"] else "")
+            refit = p.get("refit") or {}
+            if "loss_after" in refit:
+                source += f", refit {refit['steps']} steps: {refit['loss_before']:.3g} -> {refit['loss_after']:.3g}"
+            elif "skipped" in refit:
+                source += ", refit skipped"
             lines.append(f"{stage['stage']:>5}  {peer:<20} {p['state']:<8} {p['step']:>6} {p['throughput']:>9.0f} "
                          f"{norm:>10} {source:<10} {p['age']:>5.1f}s")
     return "\n".join(lines)

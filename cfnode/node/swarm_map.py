@@ -11,8 +11,8 @@ from hivemind.utils.logging import get_logger
 
 from cfnode.config import NetworkConfig, RunSpec
 from cfnode.protocol.identity import owner_peer_id
-from cfnode.protocol.keys import spec_key, stage_key
-from cfnode.protocol.records import PeerState, RecordError, StageAnnouncement, spec_from_wire
+from cfnode.protocol.keys import spec_key, stage_key, trainer_key
+from cfnode.protocol.records import PeerState, RecordError, StageAnnouncement, TrainerAnnouncement, spec_from_wire
 
 logger = get_logger(__name__)
 
@@ -81,6 +81,26 @@ async def read_stage_map(dht: hivemind.DHT, spec: RunSpec) -> StageMap:
                 peers.append(record)
         stage_map[stage] = sorted(peers, key=lambda r: r.peer_id)
     return stage_map
+
+
+async def read_trainers(dht: hivemind.DHT, spec: RunSpec) -> list[TrainerAnnouncement]:
+    """The trainers announcing cached activations (normally one), most recently announced first."""
+    found = await dht.get(trainer_key(spec.run_id), latest=True, return_future=True)
+    now = get_dht_time()
+    trainers = []
+    if found is not None and isinstance(found.value, dict):
+        for subkey, entry in found.value.items():
+            if entry.expiration_time < now:
+                continue
+            try:
+                record = TrainerAnnouncement.from_wire(entry.value)
+            except RecordError as e:
+                logger.debug(f"skipping a malformed trainer announcement: {e}")
+                continue
+            owner = owner_peer_id(subkey)
+            if owner is not None and owner.to_base58() == record.peer_id:
+                trainers.append(record)
+    return sorted(trainers, key=lambda t: -t.announced_at)
 
 
 def merge_stage_maps(older: StageMap, newer: StageMap, ttl: float) -> StageMap:

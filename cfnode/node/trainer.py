@@ -23,6 +23,7 @@ from typing import TypeVar
 import hivemind
 import torch
 from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import RunSpec, TrainConfig
@@ -33,6 +34,8 @@ from cfnode.node.metrics import TrainerMetrics, serving
 from cfnode.node.routing import Backoff, Router, StageUnavailable
 from cfnode.node.stage_state import load_snapshot, load_state_file, save_state_file, snapshot
 from cfnode.node.swarm_map import swarm_step
+from cfnode.protocol.identity import Identity
+from cfnode.protocol.keys import trainer_key
 from cfnode.protocol.messages import (
     BAD_REQUEST,
     GROUP_FAILED,
@@ -43,12 +46,15 @@ from cfnode.protocol.messages import (
     ForwardRequest,
     ProtocolError,
     RemoteError,
+    StageRequest,
     StepReply,
     StepRequest,
     TruncatedStream,
 )
-from cfnode.protocol.service import StageClient
+from cfnode.protocol.records import TrainerAnnouncement
+from cfnode.protocol.service import RequestRefused, StageClient, TrainerService
 from cfnode.protocol.validation import validate_hidden
+from cfnode.recovery.refit import ActivationCache
 from cfnode.recovery.schedule import microbatch_routes
 
 logger = get_logger(__name__)
@@ -71,8 +77,10 @@ class SentBackward:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, spec: RunSpec, dht: hivemind.DHT, p2p: P2P, dataset: TextDataset):
+    def __init__(self, config: TrainConfig, spec: RunSpec, dht: hivemind.DHT, p2p: P2P, dataset: TextDataset,
+                 identity: Identity | None = None):
         self.config, self.spec = config, spec
+        self.dht, self.identity = dht, identity
         self.dataset = dataset
         self.device = torch.device(config.device)
         self.head = build_head(spec).to(self.device)
@@ -80,6 +88,7 @@ class Trainer:
                                            betas=(0.9, 0.95))
         self.router = Router(dht, spec, config.ban_seconds)
         self.client = StageClient(p2p, spec.max_message_bytes)
+        self.p2p_peer_id = p2p.peer_id.to_base58()
         self.events = EventLog(config.log_jsonl)
         self.metrics = TrainerMetrics()
         self.events.listeners.append(self.metrics.on_event)
@@ -90,12 +99,15 @@ class Trainer:
         self._lost_since: dict[int, float] = {}  # stage -> when it was found without a usable peer
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="trainer-compute")
         self._stepping: asyncio.Future | None = None  # the step being applied
+        # Each stage's last refit_cache (input, output) microbatch pairs, for a newcomer that rebuilds it to refit.
+        self.activations = ActivationCache(spec.refit_cache)
         self.session = secrets.token_hex(8)  # tells stage peers which trainer's gradients they accumulate
 
     # --- the run -------------------------------------------------------------------------------------------
 
     async def run(self) -> dict:
         refresher = asyncio.create_task(self.router.refresh_forever())
+        announcer = asyncio.create_task(self._announce_forever()) if self.spec.refit_cache and self.identity else None
         try:
             await self._wait_for_all_stages()
             self.step = swarm_step(self.router.stage_map)
@@ -128,6 +140,8 @@ class Trainer:
             return summary
         finally:
             refresher.cancel()
+            if announcer is not None:
+                announcer.cancel()
             await self._finish_step()
             if self.step > 0 and (self._stepping is None or self._stepping.done()):
                 try:
@@ -180,6 +194,7 @@ class Trainer:
         for stage in route:
             stage_inputs[stage] = hidden
             _, hidden = await self._forward(stage, index, hidden)
+            self.activations.record(stage, stage_inputs[stage], hidden)  # in the order the stage ran them
         loss, grad = await self._compute(self._head_backward, hidden, targets)
         for stage in reversed(route):
             hidden_in = stage_inputs[stage]
@@ -331,6 +346,7 @@ class Trainer:
             self.events.emit("stage_recovered", stage=stage, step=self.step + 1, peer=peer,
                              source=record.source if record else "unknown",
                              recovered_from=record.recovered_from if record else [],
+                             refit=record.refit if record else {},
                              downtime=round(time.monotonic() - lost_since, 3))
 
     async def _wait_for_all_stages(self) -> None:
@@ -364,6 +380,31 @@ class Trainer:
             if isinstance(result, BaseException):
                 logger.warning(f"copying the head to stage {stage} peer {peer} failed: {_describe(result)}")
         self.events.emit("head_copied", step=self.step, peers=stored)
+
+    # --- cached activations, for refits ----------------------------------------------------------------------
+
+    def cache_bytes_estimate(self, config: TrainConfig) -> int:
+        """The activation cache at its fullest: K pairs of two (B/M, T, C) float32 tensors for each stage."""
+        per_microbatch = config.batch_size // config.microbatches * self.spec.seq_len * self.spec.hidden_size * 4
+        return self.spec.num_stages * self.spec.refit_cache * 2 * per_microbatch
+
+    async def _announce_forever(self) -> None:
+        """Tell newcomers where the cached activations are: a signed record under the run's trainer key."""
+        while True:
+            record = TrainerAnnouncement(self.p2p_peer_id, self.step, self.spec.refit_cache,
+                                         round(get_dht_time(), 3))
+            try:
+                await self.dht.store(trainer_key(self.spec.run_id), record.to_wire(),
+                                     get_dht_time() + self.spec.announce_ttl, subkey=self.identity.owner_subkey,
+                                     return_future=True)
+            except Exception as e:  # the DHT may hiccup; the next round retries
+                logger.warning(f"announcing the trainer failed: {e}")
+            await asyncio.sleep(self.spec.announce_ttl / 4)
+
+    async def export_activations(self, request: StageRequest) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        if not 1 <= request.stage <= self.spec.num_stages:
+            raise RequestRefused(BAD_REQUEST, f"stage {request.stage} does not exist")
+        return self.step, self.activations.pairs(request.stage)
 
     async def _finish_step(self) -> None:
         """Stopped while a step was being applied: let it finish (bounded), so the saved state is consistent."""
@@ -460,10 +501,15 @@ async def run_train(config: TrainConfig) -> dict:
     from cfnode.node.runtime import connect
     from cfnode.node.swarm_map import read_spec
 
-    async with connect(config.network) as (dht, p2p, _identity):
+    async with connect(config.network) as (dht, p2p, identity):
         spec = await read_spec(dht, config.network)
         dataset = load_dataset(config, spec)
-        trainer = Trainer(config, spec, dht, p2p, dataset)
+        trainer = Trainer(config, spec, dht, p2p, dataset, identity)
+        service = TrainerService(trainer)
+        if spec.refit_cache:
+            await service.add_p2p_handlers(p2p)
+            logger.info(f"keeping the last {spec.refit_cache} activation pairs of each stage for refits "
+                        f"(about {trainer.cache_bytes_estimate(config) / 2**20:.1f} MiB)")
         with serving(trainer.metrics.registry, config.network.host, config.metrics_port):
             summary = await trainer.run()
         if not math.isfinite(summary["loss"]):

@@ -9,3 +9,8 @@ def spec_key(run_id: str) -> str:
 def stage_key(run_id: str, stage: int) -> str:
     """One key per body stage; each peer of the stage writes its signed announcement under its own owner subkey."""
     return f"{run_id}.stage.{stage}"
+
+
+def trainer_key(run_id: str) -> str:
+    """The trainer's announcement (where newcomers fetch cached activations to refit a rebuilt stage)."""
+    return f"{run_id}.trainer"

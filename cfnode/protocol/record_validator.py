@@ -7,6 +7,7 @@ Rules:
   it must parse as a StageAnnouncement for stage s whose peer_id is the peer id of that key, so a peer can write
   only its own announcement (RSASignatureValidator checks the signature against the key in the subkey);
 - the run spec lives under `spec_key(run)` with its writer's owner subkey and must parse as that run's RunSpec;
+- the trainer's announcement lives under `trainer_key(run)`, its peer_id the peer id of the subkey's key;
   which writer is trusted (the bootstrap) is the reader's choice, see `swarm_map.read_spec`.
 Keys of other runs sharing the DHT, and hivemind's own, pass untouched.
 """
@@ -21,8 +22,8 @@ from hivemind.utils.logging import get_logger
 
 from cfnode.config import MAX_STAGES
 from cfnode.protocol.identity import Identity, owner_peer_id
-from cfnode.protocol.keys import spec_key, stage_key
-from cfnode.protocol.records import RecordError, StageAnnouncement, spec_from_wire
+from cfnode.protocol.keys import spec_key, stage_key, trainer_key
+from cfnode.protocol.records import RecordError, StageAnnouncement, TrainerAnnouncement, spec_from_wire
 
 logger = get_logger(__name__)
 
@@ -31,12 +32,13 @@ class RunRecordValidator(RecordValidatorBase):
     def __init__(self, run_id: str):
         self.run_id = run_id
         self._spec_key = DHTID.generate(source=spec_key(run_id)).to_bytes()
+        self._trainer_key = DHTID.generate(source=trainer_key(run_id)).to_bytes()
         self._stage_keys = {DHTID.generate(source=stage_key(run_id, s)).to_bytes(): s
                             for s in range(1, MAX_STAGES + 1)}
 
     def validate(self, record: DHTRecord) -> bool:
         stage = self._stage_keys.get(record.key)
-        if stage is None and record.key != self._spec_key:
+        if stage is None and record.key not in (self._spec_key, self._trainer_key):
             return True
         try:
             self._check(record, stage)
@@ -50,6 +52,11 @@ class RunRecordValidator(RecordValidatorBase):
         if owner is None:
             raise RecordError("the subkey must name its writer's key ([owner:...])")
         value = MSGPackSerializer.loads(record.value)
+        if record.key == self._trainer_key:
+            trainer = TrainerAnnouncement.from_wire(value)
+            if trainer.peer_id != owner.to_base58():
+                raise RecordError(f"peer {owner} announcing as trainer {trainer.peer_id}")
+            return
         if stage is None:
             spec = spec_from_wire(value)
             if spec.run_id != self.run_id:

@@ -43,6 +43,7 @@ class StageAnnouncement:
     recovered_from: list[str] = field(default_factory=list)  # "stage:peer_id" of the sources, if any
     announced_at: float = 0.0  # DHT time of this announcement; its age tells how fresh it is
     kept: list[int] = field(default_factory=list)  # stages whose state copies it keeps (0: the trainer's head)
+    refit: dict[str, Any] = field(default_factory=dict)  # a rebuilt stage's refit: pairs, steps, losses (or why not)
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
@@ -57,7 +58,7 @@ class StageAnnouncement:
         # Unknown fields are ignored so newer peers can add some; missing ones are an error.
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
-        missing = names - set(values) - {"recovered_from", "announced_at", "kept", "version"}
+        missing = names - set(values) - {"recovered_from", "announced_at", "kept", "refit", "version"}
         if missing:
             raise RecordError(f"announcement lacks {', '.join(sorted(missing))}")
         try:
@@ -88,6 +89,43 @@ class StageAnnouncement:
         if not isinstance(self.kept, list) or len(self.kept) > 3 or not all(
                 isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.kept):
             raise RecordError("kept must be a list of at most 3 stage numbers")
+        if not isinstance(self.refit, dict) or len(self.refit) > 8 or not all(
+                isinstance(k, str) and (v is None or isinstance(v, (int, float, str))) for k, v in self.refit.items()):
+            raise RecordError("refit must be a small map of names to numbers or strings")
+
+
+@dataclass(frozen=True)
+class TrainerAnnouncement:
+    """What the trainer says about itself under `trainer_key(run_id)`, signed, under its own owner subkey."""
+
+    peer_id: str
+    step: int
+    cached: int  # microbatch pairs it keeps per stage for refits (the run spec's refit_cache)
+    announced_at: float = 0.0
+    version: int = PROTOCOL_VERSION
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> TrainerAnnouncement:
+        if not isinstance(data, Mapping):
+            raise RecordError(f"trainer announcement must be a mapping, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        missing = names - set(values) - {"announced_at", "version"}
+        if missing:
+            raise RecordError(f"trainer announcement lacks {', '.join(sorted(missing))}")
+        record = cls(**values)
+        if not isinstance(record.peer_id, str) or not record.peer_id:
+            raise RecordError("peer_id must be a non-empty string")
+        for name in ("step", "cached", "version"):
+            value = getattr(record, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
+        if not _finite_non_negative(record.announced_at):
+            raise RecordError(f"announced_at must be a finite non-negative number, got {record.announced_at!r}")
+        return record
 
 
 def _finite_non_negative(value: Any) -> bool:

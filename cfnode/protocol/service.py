@@ -153,6 +153,28 @@ def drain_limit(max_bytes: int) -> int:
     return 2 * (max_bytes + MAX_METADATA_BYTES)
 
 
+class TrainerBackend(Protocol):
+    async def export_activations(self, request: StageRequest) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        ...
+
+
+class TrainerService(ServicerBase):
+    """What the trainer serves: each stage's recently cached (input, output) activations, for refits."""
+
+    def __init__(self, backend: TrainerBackend):
+        self.backend = backend
+
+    async def rpc_activations(self, request: Request, context: P2PContext) -> AsyncIterator[Response]:
+        async def handle() -> Envelope:
+            parsed = StageRequest.parse(from_message(request))
+            step, pairs = await self.backend.export_activations(parsed)
+            return Envelope({"stage": parsed.stage, "step": step, "pairs": len(pairs)},
+                            [t for pair in pairs for t in pair])
+
+        for message in to_chunks(await _guarded(handle, "activations"), Response, chunk_bytes=STATE_CHUNK_BYTES):
+            yield message
+
+
 async def _guarded(handle, name: str, requests: AsyncIterator[Request] | None = None, max_bytes: int = 0) -> Envelope:
     """The handler's reply, or an error reply. A refused request stream is read to its end (within
     `drain_limit`), so the caller, still sending, gets the error reply rather than a reset stream."""
@@ -198,8 +220,8 @@ class StageClient:
         self.p2p = p2p
         self.max_reply_bytes = max_reply_bytes
 
-    def _stub(self, peer_id: str):
-        return StageService.get_stub(self.p2p, PeerID.from_base58(peer_id))
+    def _stub(self, peer_id: str, service: type[ServicerBase] = StageService):
+        return service.get_stub(self.p2p, PeerID.from_base58(peer_id))
 
     async def _stream(self, method: str, peer_id: str, envelope: Envelope, timeout: float,
                       half_precision: bool = False) -> Envelope:
@@ -216,9 +238,10 @@ class StageClient:
 
         return await asyncio.wait_for(call(), timeout)
 
-    async def _server_stream(self, method: str, peer_id: str, envelope: Envelope, timeout: float) -> Envelope:
+    async def _server_stream(self, method: str, peer_id: str, envelope: Envelope, timeout: float,
+                             service: type[ServicerBase] = StageService) -> Envelope:
         async def call() -> Envelope:
-            replies = await getattr(self._stub(peer_id), method)(to_message(envelope, Request))
+            replies = await getattr(self._stub(peer_id, service), method)(to_message(envelope, Request))
             return raise_for_error(await from_chunks(replies, MAX_STATE_BYTES))
 
         return await asyncio.wait_for(call(), timeout)
@@ -253,6 +276,15 @@ class StageClient:
 
     async def put_copy(self, peer_id: str, state: StateSnapshot, timeout: float) -> None:
         await self._stream("rpc_put_copy", peer_id, state.envelope(), timeout)
+
+    async def activations(self, peer_id: str, stage: int, timeout: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The trainer's cached (input, output) pairs of a stage, oldest first."""
+        envelope = await self._server_stream("rpc_activations", peer_id, StageRequest(stage).envelope(), timeout,
+                                             service=TrainerService)
+        tensors = envelope.tensors
+        if envelope.meta.get("pairs") != len(tensors) // 2 or len(tensors) % 2:
+            raise ProtocolError("activations reply does not hold whole (input, output) pairs")
+        return list(zip(tensors[0::2], tensors[1::2]))
 
     async def get_copy(self, peer_id: str, stage: int, timeout: float) -> StateSnapshot:
         envelope = StageRequest(stage).envelope()

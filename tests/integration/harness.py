@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hivemind.p2p import P2P
+
 from cfnode.config import NetworkConfig, RunSpec
-from cfnode.launcher import Child, cfnode_command, kill_group, spawn, stop_all, wait_for_maddr
+from cfnode.launcher import Child, kill_group, spawn, stop_all, wait_for_maddr
+from cfnode.node.runtime import connect
+from cfnode.node.status import stage_report
 
 T = TypeVar("T")
 
@@ -48,6 +53,7 @@ class Swarm:
         self.children: list[Child] = []
         self.maddr = ""
         self._count = 0
+        self._observer: LoopThread | None = None
 
     def _name(self, role: str) -> str:
         self._count += 1
@@ -82,11 +88,12 @@ class Swarm:
         return child, jsonl
 
     def status(self) -> dict[str, Any]:
-        result = subprocess.run(cfnode_command("status", "--initial-peers", self.maddr, "--json"),
-                                capture_output=True, text=True, timeout=60)
-        if result.returncode not in (0, 1):
-            raise AssertionError(f"cfnode status failed: {result.stderr}")
-        return json.loads(result.stdout)
+        """What `cfnode status --json` reports, read over one DHT connection that the test keeps (a status process
+        per call would spend seconds starting; tests/integration/test_cli.py runs the command itself)."""
+        if self._observer is None:
+            self._observer = LoopThread(self.maddr)
+        observer = self._observer
+        return observer.run(stage_report(observer.dht, self.spec))
 
     def online_peers(self, stage: int) -> list[dict[str, Any]]:
         stages = {s["stage"]: s for s in self.status()["stages"]}
@@ -104,8 +111,40 @@ class Swarm:
         return child.log_path.read_text(errors="replace") if child.log_path.exists() else ""
 
     def close(self) -> None:
+        if self._observer is not None:
+            self._observer.close()
         # Teardown: no clean leaves (every peer would wait for a hand-over that cannot come), just stop.
         stop_all(self.children, grace=0.5)
+
+
+class LoopThread:
+    """An event loop in a thread holding one DHT and p2p connection, for synchronous test code (status reads,
+    hypothesis examples) to run coroutines on."""
+
+    def __init__(self, maddr: str):
+        self.loop = asyncio.new_event_loop()
+        self.ready: Future = Future()
+        self._stop = asyncio.Event()
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self._main(maddr),), daemon=True)
+        self.thread.start()
+        self.p2p: P2P = self.ready.result(timeout=60)
+
+    async def _main(self, maddr: str) -> None:
+        try:
+            async with connect(network(maddr)) as (dht, p2p, _identity):
+                self.dht = dht
+                self.ready.set_result(p2p)
+                await self._stop.wait()
+        except BaseException as e:
+            if not self.ready.done():
+                self.ready.set_exception(e)
+
+    def run(self, coroutine, timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(30)
 
 
 def run_async(coro_fn: Callable[..., Any], *args: Any) -> Any:

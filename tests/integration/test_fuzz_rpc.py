@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
-from typing import Any
 
 import msgpack
 import pytest
@@ -24,7 +21,6 @@ from hivemind.utils.streaming import split_for_streaming
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cfnode.node.runtime import connect
 from cfnode.protocol.messages import (
     BAD_REQUEST,
     GROUP_FAILED,
@@ -38,7 +34,7 @@ from cfnode.protocol.messages import (
     to_chunks,
 )
 from cfnode.protocol.service import StageService, drain_limit
-from tests.integration.harness import TINY_SPEC, Swarm, network
+from tests.integration.harness import TINY_SPEC, LoopThread, Swarm
 
 SPEC = dataclasses.replace(TINY_SPEC, max_message_mb=0.5)  # an oversized message is cheap to send
 REPLY_TIMEOUT = 20.0
@@ -47,34 +43,6 @@ STREAMING = ("rpc_forward", "rpc_backward", "rpc_put_copy")
 UNARY = ("rpc_step", "rpc_info")
 SERVER_STREAMING = ("rpc_download_state", "rpc_fetch_grads", "rpc_get_copy")
 FIELDS = ("stage", "step", "microbatch", "session", "group", "weights_only", "names", "param_groups", "grad_norm")
-
-
-class LoopThread:
-    """An event loop in a thread holding one p2p connection, so hypothesis examples (synchronous) can use it."""
-
-    def __init__(self, maddr: str):
-        self.loop = asyncio.new_event_loop()
-        self.ready: Future = Future()
-        self._stop = asyncio.Event()
-        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self._main(maddr),), daemon=True)
-        self.thread.start()
-        self.p2p: P2P = self.ready.result(timeout=60)
-
-    async def _main(self, maddr: str) -> None:
-        try:
-            async with connect(network(maddr)) as (_dht, p2p, _identity):
-                self.ready.set_result(p2p)
-                await self._stop.wait()
-        except BaseException as e:
-            if not self.ready.done():
-                self.ready.set_exception(e)
-
-    def run(self, coroutine, timeout: float = REPLY_TIMEOUT + 10) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

