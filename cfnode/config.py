@@ -53,7 +53,7 @@ class RunSpec:
     max_message_mb: float = 64.0  # largest activation or gradient payload a peer accepts
     # Refit (cfnode.recovery.refit): the trainer keeps each stage's last refit_cache (input, output) microbatch
     # pairs, and a newcomer that rebuilds a stage regresses it onto them for at most refit_steps steps. 0: off.
-    refit_cache: int = 0
+    refit_cache: int = 16
     refit_steps: int = 200
     refit_lr: float = 1e-3
 

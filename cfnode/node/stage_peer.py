@@ -213,11 +213,13 @@ class StagePeer:
             self.refit_report = {"skipped": reason[:200]}
             logger.info(f"stage {self.stage}: skipping the refit: {reason}")
             return
+        started = time.perf_counter()
         async with self._state_lock:
             result = await self._compute(refit, self.model, pairs, self.spec.refit_steps, self.spec.refit_lr)
         self.refit_report = {**result.to_wire(), "trainer": origin}
         logger.info(f"stage {self.stage}: refit on {result.pairs} cached pairs from trainer {origin}: {result.steps} "
-                    f"steps, held-out loss {result.loss_before:.5g} -> {result.loss_after:.5g} ({result.stopped})")
+                    f"steps, held-out loss {result.loss_before:.5g} -> {result.loss_after:.5g} ({result.stopped}) "
+                    f"in {time.perf_counter() - started:.2f} s")
 
     async def _download_weights(self, stage: int, stage_map: StageMap) -> tuple[str, StateSnapshot] | None:
         """The weights and last gradient norm of one live peer of `stage`; None if none of them answers."""

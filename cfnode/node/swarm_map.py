@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -17,6 +19,7 @@ from cfnode.protocol.records import PeerState, RecordError, StageAnnouncement, T
 logger = get_logger(__name__)
 
 StageMap = dict[int, list[StageAnnouncement]]
+R = TypeVar("R", StageAnnouncement, TrainerAnnouncement)
 
 
 class SpecNotFound(RuntimeError):
@@ -61,46 +64,38 @@ async def read_stage_map(dht: hivemind.DHT, spec: RunSpec) -> StageMap:
     futures = [dht.get(stage_key(spec.run_id, s), latest=True, return_future=True)
                for s in range(1, spec.num_stages + 1)]
     results = await asyncio.gather(*futures)
-    now = get_dht_time()
-    stage_map: StageMap = {}
-    for stage, found in zip(range(1, spec.num_stages + 1), results):
-        peers = []
-        if found is not None and isinstance(found.value, dict):
-            for subkey, entry in found.value.items():
-                if entry.expiration_time < now:
-                    continue
-                try:
-                    record = StageAnnouncement.from_wire(entry.value)
-                except RecordError as e:
-                    logger.debug(f"skipping a malformed announcement for stage {stage}: {e}")
-                    continue
-                owner = owner_peer_id(subkey)  # the DHT validator checked this too, on store and on read
-                if record.stage != stage or owner is None or record.peer_id != owner.to_base58():
-                    logger.debug(f"skipping an announcement filed under the wrong key by {owner}")
-                    continue
-                peers.append(record)
-        stage_map[stage] = sorted(peers, key=lambda r: r.peer_id)
-    return stage_map
+    return {stage: sorted((r for r in owned_records(found, StageAnnouncement.from_wire) if r.stage == stage),
+                          key=lambda r: r.peer_id)
+            for stage, found in zip(range(1, spec.num_stages + 1), results)}
 
 
 async def read_trainers(dht: hivemind.DHT, spec: RunSpec) -> list[TrainerAnnouncement]:
     """The trainers announcing cached activations (normally one), most recently announced first."""
     found = await dht.get(trainer_key(spec.run_id), latest=True, return_future=True)
+    return sorted(owned_records(found, TrainerAnnouncement.from_wire), key=lambda t: -t.announced_at)
+
+
+def owned_records(found: Any, parse: Callable[[Any], R]) -> list[R]:
+    """The unexpired records under a DHT key that parse and that their owner wrote about itself (peer_id matches
+    the owner subkey's key: the DHT validator checked this on store and on read, and readers check it again)."""
+    if found is None or not isinstance(found.value, dict):
+        return []
     now = get_dht_time()
-    trainers = []
-    if found is not None and isinstance(found.value, dict):
-        for subkey, entry in found.value.items():
-            if entry.expiration_time < now:
-                continue
-            try:
-                record = TrainerAnnouncement.from_wire(entry.value)
-            except RecordError as e:
-                logger.debug(f"skipping a malformed trainer announcement: {e}")
-                continue
-            owner = owner_peer_id(subkey)
-            if owner is not None and owner.to_base58() == record.peer_id:
-                trainers.append(record)
-    return sorted(trainers, key=lambda t: -t.announced_at)
+    records = []
+    for subkey, entry in found.value.items():
+        if entry.expiration_time < now:
+            continue
+        try:
+            record = parse(entry.value)
+        except RecordError as e:
+            logger.debug(f"skipping a malformed record: {e}")
+            continue
+        owner = owner_peer_id(subkey)
+        if owner is None or record.peer_id != owner.to_base58():
+            logger.debug(f"skipping a record filed under the wrong key by {owner}")
+            continue
+        records.append(record)
+    return records
 
 
 def merge_stage_maps(older: StageMap, newer: StageMap, ttl: float) -> StageMap:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -53,14 +53,7 @@ class StageAnnouncement:
 
     @classmethod
     def from_wire(cls, data: Any) -> StageAnnouncement:
-        if not isinstance(data, Mapping):
-            raise RecordError(f"announcement must be a mapping, got {type(data).__name__}")
-        # Unknown fields are ignored so newer peers can add some; missing ones are an error.
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        missing = names - set(values) - {"recovered_from", "announced_at", "kept", "refit", "version"}
-        if missing:
-            raise RecordError(f"announcement lacks {', '.join(sorted(missing))}")
+        values = _known_fields(cls, data, "announcement")
         try:
             values["state"] = PeerState(values["state"])
         except ValueError:
@@ -109,14 +102,7 @@ class TrainerAnnouncement:
 
     @classmethod
     def from_wire(cls, data: Any) -> TrainerAnnouncement:
-        if not isinstance(data, Mapping):
-            raise RecordError(f"trainer announcement must be a mapping, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        missing = names - set(values) - {"announced_at", "version"}
-        if missing:
-            raise RecordError(f"trainer announcement lacks {', '.join(sorted(missing))}")
-        record = cls(**values)
+        record = cls(**_known_fields(cls, data, "trainer announcement"))
         if not isinstance(record.peer_id, str) or not record.peer_id:
             raise RecordError("peer_id must be a non-empty string")
         for name in ("step", "cached", "version"):
@@ -126,6 +112,19 @@ class TrainerAnnouncement:
         if not _finite_non_negative(record.announced_at):
             raise RecordError(f"announced_at must be a finite non-negative number, got {record.announced_at!r}")
         return record
+
+
+def _known_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
+    """A record's fields from its wire form. Unknown fields are ignored, so newer nodes can add some; a missing
+    field without a default is an error."""
+    if not isinstance(data, Mapping):
+        raise RecordError(f"{what} must be a mapping, got {type(data).__name__}")
+    values = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing = required - set(values)
+    if missing:
+        raise RecordError(f"{what} lacks {', '.join(sorted(missing))}")
+    return values
 
 
 def _finite_non_negative(value: Any) -> bool:

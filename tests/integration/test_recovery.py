@@ -16,14 +16,7 @@ def steps_of(events):
 
 def test_newcomer_rebuilds_a_lost_middle_stage_from_both_neighbours(swarm):
     swarm.spec = swarm.spec.replace(num_stages=4, recovery="checkfree")
-    swarm.start_bootstrap()
-    peers = {stage: swarm.start_peer(stage) for stage in (1, 2, 3, 4)}
-    swarm.wait_online({1: 1, 2: 1, 3: 1, 4: 1})
-    trainer, jsonl = swarm.start_trainer(24)
-    wait_until(lambda: len(steps_of(read_events(jsonl))) >= 8, 180, "8 training steps")
-    swarm.kill(peers[2])
-    newcomer = swarm.start_peer("auto")
-    assert trainer.process.wait(300) == 0, swarm.log(trainer)
+    _, newcomer, jsonl = swarm.train_and_lose_stage(2, steps=24, lose_after=8)
 
     log = swarm.log(newcomer)
     assert "joining stage 2 of 4" in log

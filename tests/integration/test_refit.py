@@ -6,20 +6,9 @@ from __future__ import annotations
 from tests.integration.harness import read_events, wait_until
 
 
-def steps_of(events):
-    return [e for e in events if e["event"] == "step"]
-
-
 def test_newcomer_refits_a_rebuilt_stage_from_the_trainers_cache(swarm):
     swarm.spec = swarm.spec.replace(refit_cache=8, refit_steps=100)
-    swarm.start_bootstrap()
-    peers = {stage: swarm.start_peer(stage) for stage in (1, 2, 3)}
-    swarm.wait_online({1: 1, 2: 1, 3: 1})
-    trainer, jsonl = swarm.start_trainer(24)
-    wait_until(lambda: len(steps_of(read_events(jsonl))) >= 8, 180, "8 training steps")
-    swarm.kill(peers[2])
-    newcomer = swarm.start_peer("auto")
-    assert trainer.process.wait(300) == 0, swarm.log(trainer)
+    _, newcomer, jsonl = swarm.train_and_lose_stage(2, steps=24, lose_after=8)
 
     log = swarm.log(newcomer)
     assert "rebuilt by checkfree from stage 1" in log
