@@ -211,7 +211,10 @@ class LocalSwarm:
         """Start everything, show the trainer's progress, stop everything; returns the trainer's exit status."""
         spec = self.layout.spec
         in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main_thread else None
+        # SIGTERM and SIGINT both stop the swarm, SIGINT even where it was inherited as ignored (a background job
+        # of a non-interactive shell), so `kill -INT` always works.
+        previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)} \
+            if in_main_thread else {}
         stop_churn = threading.Event()
         try:
             replicas = f"{self.layout.replicas} replica{'s' if self.layout.replicas > 1 else ''}"
@@ -233,8 +236,8 @@ class LocalSwarm:
         finally:
             stop_churn.set()
             stop_all(self.children)
-            if in_main_thread:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _tee(stream: IO[bytes], log_path: Path) -> None:

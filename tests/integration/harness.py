@@ -22,8 +22,9 @@ from cfnode.node.status import stage_report
 T = TypeVar("T")
 
 # Small enough that a step takes a fraction of a second on two cores, large enough that the loss visibly falls.
+# A short refit keeps rebuilds quick; tests/integration/test_refit.py sets its own.
 TINY_SPEC = RunSpec(num_stages=3, layers_per_stage=1, hidden_size=64, num_heads=4, seq_len=64, lr=3e-3,
-                    announce_ttl=4.0)
+                    announce_ttl=4.0, refit_steps=20)
 
 
 def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
