@@ -73,7 +73,7 @@ SIZES = {  # name -> (hidden_size, num_heads); layers per stage come from --laye
     "5M": (320, 5),
     "50M": (1024, 16),
 }
-GOAL_SECONDS = 5.0  # the goal: a 50M-parameter stage ONLINE within 5 s of its loss being detected
+GOAL_SECONDS = 5.0  # the goal: a 50M-parameter stage ONLINE within 5 s of its loss being detected
 
 LOG_STAMP = re.compile(r"^([A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}\.\d{3}) ")
 JOINING = re.compile(r"joining stage (\d+) of (\d+)")

@@ -113,12 +113,14 @@ class StagePeer:
         if await self._copy_exact(replicas, "replica",
                                   lambda p: self.client.download_state(p.peer_id, self.stage, timeout)):
             return
-        current = swarm_step(stage_map)
+        # A stage that left mid-step is one step behind the others (they applied the step it refused, and the
+        # trainer replays its share on the newcomer): a copy one step behind the swarm is current.
+        current = swarm_step(stage_map) - 1
 
         async def current_copy(holder: StageAnnouncement) -> StateSnapshot:
             state = await self.client.get_copy(holder.peer_id, self.stage, timeout)
             if state.step < current:  # left before the swarm moved on: stale, so rebuild instead
-                raise ProtocolError(f"the kept copy is at step {state.step}, the swarm at step {current}")
+                raise ProtocolError(f"the kept copy is at step {state.step}, the swarm at step {current + 1}")
             return state
 
         holders = [p for s in (self.stage - 1, self.stage + 1) for p in online(stage_map.get(s, []))
