@@ -1,19 +1,27 @@
-"""Training throughput: the whole pipeline in this one process vs. the cfnode swarm on 127.0.0.1.
+"""Training throughput: (a) the model in one process, (b) a hivemind.moe pipeline, (c) the cfnode swarm.
 
-Both sides train the same RunSpec (same weights: every part derives from spec.seed), on the same data
-(load_corpus() default, TextDataset) with the same batch size cut into the same microbatches:
+All three train the same RunSpec (same weights: every part derives from spec.seed), on the same data
+(load_corpus() default, TextDataset) with the same batch size cut into the same microbatches, on this machine:
 
-  (a) in-process: head + body stages built with build_head / build_body_stage, one AdamW and one gradient clip per
-      part (as the swarm does), gradient accumulation over the microbatches; W warm-up steps, then N timed steps;
-      tokens/s = batch_size * seq_len * N / time. Run once before and once after (b); the ratio uses the mean.
-  (b) swarm: LocalSwarm (bootstrap + one `cfnode join` per stage + `cfnode train`, each its own process);
-      the trainer's JSONL `step` events, the first W dropped; tokens/s = sum(tokens) / sum(step_time).
+  (a) in-process: head + body stages built with build_head / build_body_stage in this one process, one AdamW and
+      one gradient clip per part (as the swarm does), gradient accumulation over the microbatches, torch's own
+      thread count unless --threads; W warm-up steps, then N timed steps; tokens/s = batch_size * seq_len * N /
+      time. Run once first and once last; the ratios use the mean.
+  (b) hivemind.moe (benchmarks/moe_pipeline.py): SWARM's mechanism, one ModuleBackend server process per stage,
+      RemoteExperts chained with autograd from this process, all microbatches of a step in flight at once.
+  (c) cfnode swarm, once per --variants entry: LocalSwarm (bootstrap + one `cfnode join` per stage + `cfnode
+      train`, each its own process); the trainer's JSONL `step` events, the first W dropped; tokens/s =
+      sum(tokens) / sum(step_time). The variants switch the levers one at a time (see VARIANTS); `default` is what
+      cfnode does out of the box.
 
-Note: a swarm peer recomputes its forward pass in backward (it keeps no activations between calls), so (b) does
-about one extra forward per stage per microbatch that (a) does not, and every process of (b) shares the same cores.
+For each swarm run it also reports where the time goes: the CPU seconds per step of each kind of process (sampled
+from /proc: trainer, stages, p2p daemons, DHT processes) against the cores' capacity, and the trainer's
+`time_split` (compute at the stages and the head, (de)serialisation, transfer, waits for a busy stage).
 
-    python benchmarks/throughput.py                    # defaults: 3 stages x 2 layers, hidden 128, 30 + 5 steps
+    python benchmarks/throughput.py                    # demo model: 3 stages x 2 layers, hidden 128
     python benchmarks/throughput.py --json-out bench.json
+    python benchmarks/throughput.py --stages 2 --layers-per-stage 4 --hidden-size 1024 --num-heads 16 \
+        --batch-size 4 --microbatches 2 --steps 6 --warmup 2             # stages of about 50M parameters
 """
 
 from __future__ import annotations
@@ -29,21 +37,46 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from moe_pipeline import run_moe_pipeline
 
-from cfnode.config import RunSpec
+from cfnode.bench.cpu import CpuSampler
+from cfnode.config import JoinConfig, NetworkConfig, RunSpec
 from cfnode.data import TextDataset, batch_generator, load_corpus
 from cfnode.launcher import LocalSwarm, SwarmLayout
 from cfnode.model import build_body_stage, build_head, count_parameters
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One setting of the swarm's levers."""
+
+    description: str
+    keep_activations: int  # `cfnode join --keep-activations`
+    wire_dtype: str  # RunSpec.wire_dtype
+    threads: int | None  # torch threads per process; None: LocalSwarm shares the cores out
+
+
+CORES = os.cpu_count() or 1
+VARIANTS = {
+    "plain": Variant("recompute in backward, float32 wire, every process on all cores", 0, "float32", CORES),
+    "threads": Variant("+ cores shared out among the processes", 0, "float32", None),
+    "keep": Variant("+ forward activations kept for the backward", 16, "float32", None),
+    "bfloat16": Variant("+ bfloat16 activations and gradients on the wire", 16, "bfloat16", None),
+}
+DEFAULT_VARIANT = next(name for name, v in VARIANTS.items()
+                       if (v.keep_activations, v.wire_dtype, v.threads)
+                       == (JoinConfig(NetworkConfig()).keep_activations, RunSpec().wire_dtype, None))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--stages", type=int, default=3, help="body stages (one `cfnode join` each)")
+    parser.add_argument("--stages", type=int, default=3, help="body stages (one process each in (b) and (c))")
     parser.add_argument("--layers-per-stage", type=int, default=2)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--num-heads", type=int, default=4)
@@ -53,13 +86,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
     parser.add_argument("--seed", type=int, default=0, help="data order (the weights come from the spec's seed 0)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated swarm variants to run, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--no-moe", action="store_true", help="skip (b), the hivemind.moe pipeline")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for this process and OMP_NUM_THREADS for the swarm's processes "
-                             "(default: leave torch's own choice alone)")
+                        help="torch threads of (a) and of (b)'s trainer (default: torch's own choice, all cores)")
     parser.add_argument("--swarm-log-level", default="warning", choices=["debug", "info", "warning", "error"],
                         help="log level of the swarm's processes (info shows every step of the trainer)")
     parser.add_argument("--swarm-timeout", type=float, default=600.0,
-                        help="seconds after which the swarm run is stopped and counted as failed")
+                        help="seconds after which a swarm run is stopped and counted as failed")
     parser.add_argument("--keep-logs", action="store_true", help="keep the swarm's workdir (kept anyway on failure)")
     parser.add_argument("--json-out", type=Path, default=None, help="write all numbers here as JSON")
     args = parser.parse_args(argv)
@@ -69,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch-size must be a positive multiple of --microbatches")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     return args
 
 
@@ -104,37 +143,43 @@ def run_in_process(spec: RunSpec, dataset: TextDataset, batch_size: int, microba
     for step in range(1, warmup + 1):
         loss = train_step(step)
     step_times = []
+    cpu_started = time.process_time()
     for step in range(warmup + 1, warmup + steps + 1):
         started = time.perf_counter()
         loss = train_step(step)
         step_times.append(time.perf_counter() - started)
+    cpu_per_step = (time.process_time() - cpu_started) / steps
     elapsed = sum(step_times)
     tokens = batch_size * spec.seq_len * steps
     return dict(tokens=tokens, time_s=round(elapsed, 4), tokens_per_s=round(tokens / elapsed, 1),
                 median_step_s=round(statistics.median(step_times), 4),
                 median_tokens_per_s=round(batch_size * spec.seq_len / statistics.median(step_times), 1),
-                final_loss=round(loss, 5))
+                final_loss=round(loss, 5), cpu_s_per_step=round(cpu_per_step, 4))
 
 
-# --- (b) the live swarm -----------------------------------------------------------------------------------------
+# --- (c) the live swarm -----------------------------------------------------------------------------------------
 
 
-def run_swarm(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
+def run_swarm(spec: RunSpec, args: argparse.Namespace, variant: Variant) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="cfnode-bench-"))
     log_jsonl = workdir / "trainer.jsonl"
-    layout = SwarmLayout(spec=spec, replicas=1, steps=args.warmup + args.steps, log_jsonl=str(log_jsonl),
+    layout = SwarmLayout(spec=spec.replace(wire_dtype=variant.wire_dtype), replicas=1,
+                         steps=args.warmup + args.steps, log_jsonl=str(log_jsonl),
                          batch_size=args.batch_size, microbatches=args.microbatches, workdir=workdir,
-                         log_level=args.swarm_log_level,
+                         log_level=args.swarm_log_level, threads=variant.threads,
+                         join_args=["--keep-activations", str(variant.keep_activations)],
                          train_args=["--eval-every", "0", "--seed", str(args.seed), "--stage-timeout", "60"])
     # A hung swarm must not hang the benchmark: SIGTERM makes LocalSwarm.run stop everything and return 130.
     watchdog = threading.Timer(args.swarm_timeout, os.kill, (os.getpid(), signal.SIGTERM))
     watchdog.daemon = True
     started = time.perf_counter()
     watchdog.start()
+    sampler = CpuSampler().start()
     try:
         code = LocalSwarm(layout).run()  # blocks until the trainer exits, then stops every process it started
     finally:
         watchdog.cancel()
+        sampler.stop()
     wall = time.perf_counter() - started
 
     records = [json.loads(line) for line in log_jsonl.read_text().splitlines() if line.strip()] \
@@ -157,6 +202,13 @@ def run_swarm(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
     result.update(ok=True, tokens=tokens, time_s=round(elapsed, 4), tokens_per_s=round(tokens / elapsed, 1),
                   median_step_s=round(median_step, 4), median_tokens_per_s=round(timed[-1]["tokens"] / median_step, 1),
                   final_loss=timed[-1]["loss"])
+    window = (timed[0]["time"] - timed[0]["step_time"], timed[-1]["time"])
+    cpu = sampler.cpu_by_role(*window)
+    result["cpu_s_per_step"] = {name: round(seconds / len(timed), 4) for name, seconds in cpu.items()}
+    result["cpu_s_per_step_total"] = round(sum(cpu.values()) / len(timed), 4)
+    splits = [r.get("time_split", {}) for r in timed]
+    result["time_split_per_step"] = {kind: round(sum(split.get(kind, 0.0) for split in splits) / len(timed), 4)
+                                     for kind in splits[0]}
     if args.keep_logs:
         print(f"swarm logs kept in {workdir}")
     else:
@@ -174,37 +226,47 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"spec: {cfg['stages']} stages x {cfg['layers_per_stage']} layers, hidden {cfg['hidden_size']}, "
           f"{cfg['num_heads']} heads, seq_len {cfg['seq_len']}; batch {cfg['batch_size']} in "
           f"{cfg['microbatches']} microbatches; {cfg['warmup']} warm-up + {cfg['steps']} timed steps")
-    print(f"torch {report['torch_version']}, torch.get_num_threads() = {report['torch_threads']}, "
-          f"os.cpu_count() = {report['cpu_count']}, OMP_NUM_THREADS = {report['omp_num_threads']}")
+    print(f"torch {report['torch_version']}, torch threads of (a) {report['torch_threads']}, "
+          f"os.cpu_count() = {report['cpu_count']}")
     print(f"load average (1 min) at start {report['load_avg_start']:.2f}, at end {report['load_avg_end']:.2f} "
           "(other work on this machine skews all numbers)")
     print("parameters: " + ", ".join(f"{name} {n:,}" for name, n in params.items()))
     print()
-    rows = [("(a) in-process, before", report["in_process_before"]),
-            ("(a) in-process, after", report["in_process_after"]),
-            ("(b) swarm", report["swarm"])]
-    print(f"{'run':<24} {'tokens/s':>10} {'timed s':>9} {'median step s':>14} {'tok/s at median':>16} "
-          f"{'final loss':>11}")
+    rows = [("(a) in-process, first", report["in_process_before"])]
+    if report["moe"] is not None:
+        rows.append(("(b) hivemind.moe", report["moe"]))
+    rows += [(f"(c) {name}", r) for name, r in report["swarm"].items()]
+    rows.append(("(a) in-process, last", report["in_process_after"]))
+    print(f"{'run':<22} {'tokens/s':>10} {'median step s':>14} {'final loss':>11} {'(c)/(a)':>8} {'(c)/(b)':>8}")
     for name, r in rows:
         if not r.get("tokens_per_s"):
-            print(f"{name:<24} {'failed':>10}")
+            print(f"{name:<22} {'failed':>10}")
             continue
-        print(f"{name:<24} {r['tokens_per_s']:>10,.0f} {r['time_s']:>9.2f} {r['median_step_s']:>14.4f} "
-              f"{r['median_tokens_per_s']:>16,.0f} {r['final_loss']:>11.4f}")
-    print(f"{'(a) mean':<24} {report['in_process_mean_tokens_per_s']:>10,.0f}")
-    swarm = report["swarm"]
-    print(f"swarm wall time (start-up, {swarm['steps_logged']} steps, final eval, shutdown): {swarm['wall_s']:.1f} s; "
-          f"events: {swarm['events']}")
-    if report["ratio_swarm_over_in_process"] is not None:
-        print(f"ratio (b)/(a): {report['ratio_swarm_over_in_process']:.3f} "
-              f"(from median step times: {report['ratio_at_median_steps']:.3f})")
+        ratios = report["ratios"].get(name[4:], {}) if name.startswith("(c)") else {}
+        a_ratio = f"{ratios['over_in_process']:.3f}" if ratios.get("over_in_process") else ""
+        b_ratio = f"{ratios['over_moe']:.3f}" if ratios.get("over_moe") else ""
+        print(f"{name:<22} {r['tokens_per_s']:>10,.0f} {r['median_step_s']:>14.4f} {r['final_loss']:>11.4f} "
+              f"{a_ratio:>8} {b_ratio:>8}")
+    print(f"(a) mean: {report['in_process_mean_tokens_per_s']:,.0f} tokens/s, "
+          f"{report['in_process_before']['cpu_s_per_step']:.3f} CPU s per step")
+    print()
+    for name, r in report["swarm"].items():
+        if not r.get("ok"):
+            continue
+        capacity = report["cpu_count"] * r["median_step_s"]
+        print(f"(c) {name}: {VARIANTS[name].description}")
+        cpu = ", ".join(f"{role} {seconds:.3f}" for role, seconds in r["cpu_s_per_step"].items() if seconds >= 0.001)
+        print(f"    CPU s per step: {r['cpu_s_per_step_total']:.3f} of {capacity:.3f} "
+              f"({report['cpu_count']} cores x median step): {cpu}")
+        split = r["time_split_per_step"]
+        print("    trainer's calls, s per step summed over concurrent calls: "
+              + ", ".join(f"{kind} {seconds:.3f}" for kind, seconds in split.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the swarm's processes
     spec = RunSpec(run_id="bench", num_stages=args.stages, layers_per_stage=args.layers_per_stage,
                    hidden_size=args.hidden_size, num_heads=args.num_heads, seq_len=args.seq_len)
     dataset = TextDataset(load_corpus(), spec.seq_len)  # what `cfnode train` loads without --data
@@ -216,37 +278,53 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = os.getloadavg()[0]
     in_process_args = (spec, dataset, args.batch_size, args.microbatches, args.steps, args.warmup, args.seed)
-    print(f"(a) in-process, before the swarm (torch threads {torch.get_num_threads()})", flush=True)
+    print(f"(a) in-process, first (torch threads {torch.get_num_threads()})", flush=True)
     before = run_in_process(*in_process_args)
     print(f"    {before['tokens_per_s']:,.0f} tokens/s", flush=True)
-    print("(b) swarm", flush=True)
-    swarm = run_swarm(spec, args)
-    print("(a) in-process, after the swarm", flush=True)
+    moe = None
+    if not args.no_moe:
+        print("(b) hivemind.moe pipeline", flush=True)
+        moe = run_moe_pipeline(*in_process_args, threads=max(1, CORES // (spec.num_stages + 1)),
+                               timeout=args.swarm_timeout)
+        print(f"    {moe['tokens_per_s']:,.0f} tokens/s" if moe.get("ok") else f"    failed: {moe.get('error')}",
+              flush=True)
+    swarm = {}
+    for name in args.variants:
+        print(f"(c) cfnode swarm, {name}: {VARIANTS[name].description}", flush=True)
+        swarm[name] = run_swarm(spec, args, VARIANTS[name])
+        if swarm[name].get("ok"):
+            print(f"    {swarm[name]['tokens_per_s']:,.0f} tokens/s", flush=True)
+    print("(a) in-process, last", flush=True)
     after = run_in_process(*in_process_args)
     print(f"    {after['tokens_per_s']:,.0f} tokens/s", flush=True)
 
     mean = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
-    ratio = swarm["tokens_per_s"] / mean if swarm.get("ok") else None
-    median_mean = (before["median_tokens_per_s"] + after["median_tokens_per_s"]) / 2
-    median_ratio = swarm["median_tokens_per_s"] / median_mean if swarm.get("ok") else None
+    moe_rate = moe["tokens_per_s"] if moe and moe.get("ok") else None
+    ratios = {name: dict(over_in_process=round(r["tokens_per_s"] / mean, 4),
+                         over_moe=round(r["tokens_per_s"] / moe_rate, 4) if moe_rate else None)
+              for name, r in swarm.items() if r.get("ok")}
+    if moe_rate:
+        ratios["moe"] = dict(over_in_process=round(moe_rate / mean, 4))
     report = dict(
         config=dict(stages=args.stages, layers_per_stage=args.layers_per_stage, hidden_size=args.hidden_size,
                     num_heads=args.num_heads, seq_len=args.seq_len, batch_size=args.batch_size,
                     microbatches=args.microbatches, steps=args.steps, warmup=args.warmup, seed=args.seed,
-                    threads=args.threads),
+                    threads=args.threads, variants=args.variants),
+        variants={name: asdict(VARIANTS[name]) for name in args.variants}, default_variant=DEFAULT_VARIANT,
         torch_version=torch.__version__, python=platform.python_version(), torch_threads=torch.get_num_threads(),
-        cpu_count=os.cpu_count(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-        load_avg_start=load_start, load_avg_end=os.getloadavg()[0],
+        cpu_count=CORES, load_avg_start=load_start, load_avg_end=os.getloadavg()[0],
         parameters=params, in_process_before=before, in_process_after=after,
-        in_process_mean_tokens_per_s=round(mean, 1), swarm=swarm,
-        ratio_swarm_over_in_process=round(ratio, 4) if ratio is not None else None,
-        ratio_at_median_steps=round(median_ratio, 4) if median_ratio is not None else None,
+        in_process_mean_tokens_per_s=round(mean, 1), moe=moe, swarm=swarm, ratios=ratios,
     )
     print_report(report)
+    if DEFAULT_VARIANT in ratios:
+        r = ratios[DEFAULT_VARIANT]
+        print(f"\ncfnode out of the box ({DEFAULT_VARIANT}): (c)/(a) = {r['over_in_process']:.3f}"
+              + (f", (c)/(b) = {r['over_moe']:.3f}" if r.get("over_moe") else ""))
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json_out}")
-    return 0 if swarm.get("ok") else 1
+    return 0 if all(r.get("ok") for r in swarm.values()) and (moe is None or moe.get("ok")) else 1
 
 
 if __name__ == "__main__":

@@ -101,6 +101,12 @@ def _network(kw: dict[str, Any], client_mode: bool = False, require_peers: bool 
     )
 
 
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), envvar="CFNODE_THREADS",
+    help="torch compute threads of this process (default: torch's choice, one per core). Several nodes on one "
+         "machine each want their share of the cores: `cfnode swarm` gives each cores / processes.")
+
+
 @click.group(cls=CfnodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cfnode")
 def main() -> None:
@@ -151,8 +157,13 @@ def _parse_stage(value: str) -> int | None:
               envvar="CFNODE_LEAVE_TIMEOUT",
               help="On SIGTERM (kill, docker stop): seconds to finish in-flight work and, as a stage's last "
                    "peer, hand its exact state to a joining newcomer or a neighbouring stage.")
+@click.option("--keep-activations", type=click.IntRange(min=0), default=16, show_default=True,
+              envvar="CFNODE_KEEP_ACTIVATIONS",
+              help="Microbatches whose forward activations this peer keeps until their backward arrives, instead "
+                   "of recomputing the forward (0: always recompute; saves memory).")
+@threads_option
 def join(stage: str, device: str, request_timeout: float, metrics_port: int | None, standby: bool,
-         leave_timeout: float, **kw: Any) -> None:
+         leave_timeout: float, keep_activations: int, threads: int | None, **kw: Any) -> None:
     """Serve one pipeline stage until stopped (SIGTERM leaves cleanly, handing the stage over)."""
     from cfnode.node.join import run_join
     from cfnode.node.runtime import run_role
@@ -163,8 +174,16 @@ def join(stage: str, device: str, request_timeout: float, metrics_port: int | No
         raise click.BadParameter("a standby peer chooses its stage itself: use it with --stage auto",
                                  param_hint="--standby")
     config = JoinConfig(_network(kw), chosen, device, request_timeout, metrics_port, standby=standby,
-                        leave_timeout=leave_timeout)
+                        leave_timeout=leave_timeout, keep_activations=keep_activations)
+    _set_threads(threads)
     _run("join", lambda: run_role(lambda: run_join(config)))
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _check_device(device: str) -> None:
@@ -206,9 +225,10 @@ def _check_device(device: str) -> None:
                    "is newer.")
 @click.option("--state-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Save the --state file every N steps (and on exit).")
+@threads_option
 def train(steps: int, data_path: str | None, batch_size: int, microbatches: int, log_jsonl: str | None,
           eval_every: int, request_timeout: float, stage_timeout: float, ban_seconds: float, device: str, seed: int,
-          client_mode: bool, metrics_port: int | None, state_path: str | None, state_every: int,
+          client_mode: bool, metrics_port: int | None, state_path: str | None, state_every: int, threads: int | None,
           **kw: Any) -> None:
     """Train N steps through the swarm's stages."""
     from cfnode.node.runtime import run_role
@@ -221,6 +241,7 @@ def train(steps: int, data_path: str | None, batch_size: int, microbatches: int,
         stage_timeout=stage_timeout, ban_seconds=ban_seconds, device=device, seed=seed, metrics_port=metrics_port,
         state_path=state_path, state_every=state_every,
     ))
+    _set_threads(threads)
     summary = _run("train", lambda: run_role(lambda: run_train(config)))
     click.echo(f"trained to step {summary['final_step']}: loss {summary['loss']:.4f}"
                + (f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""))

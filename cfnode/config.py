@@ -19,6 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 RECOVERY_MODES = ("none", "checkfree", "checkfree+", "uniform", "copy", "random")
 MAX_MICROBATCHES = 1024  # per step: a peer keeps one input gradient per microbatch until the step
+WIRE_DTYPES = ("float32", "bfloat16")  # how activations and their gradients travel between trainer and stages
 MAX_STAGES = 256  # body stages a run may have; DHT validators know every stage key up to it
 
 
@@ -51,6 +52,9 @@ class RunSpec:
     head_copy_every: int = 10  # the trainer copies embedding, norm and head to stages 1 and S every N steps (0: off)
     announce_ttl: float = 10.0  # seconds an announcement lives unless refreshed
     max_message_mb: float = 64.0  # largest activation or gradient payload a peer accepts
+    # Activations and their gradients on the wire; compute, states and the replicas' gradient exchange stay float32.
+    # bfloat16 halves the bytes; in benchmarks/loss_compare.py it trained within the seed-to-seed noise.
+    wire_dtype: str = "bfloat16"
     # Refit (cfnode.recovery.refit): the trainer keeps each stage's last refit_cache (input, output) microbatch
     # pairs, and a newcomer that rebuilds a stage regresses it onto them for at most refit_steps steps. 0: off.
     refit_cache: int = 16
@@ -89,6 +93,8 @@ class RunSpec:
             raise ConfigError(f"head_copy_every must be a non-negative integer, got {self.head_copy_every!r}")
         if self.recovery == "checkfree+" and self.num_stages < 2:
             raise ConfigError("recovery checkfree+ needs at least 2 body stages: it swaps neighbouring stages")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}; got {self.wire_dtype!r}")
         if self.recovery not in RECOVERY_MODES:
             raise ConfigError(f"recovery must be one of {', '.join(RECOVERY_MODES)}; got {self.recovery!r}")
         plain_run_id = isinstance(self.run_id, str) and self.run_id.replace("-", "").replace("_", "").isalnum()
@@ -186,6 +192,7 @@ class JoinConfig:
     standby: bool = False  # with stage None: wait, connected, until a stage has no live peer, then rebuild it
     standby_poll: float = 0.5  # seconds between a standby peer's looks at the stage map
     leave_timeout: float = 30.0  # on SIGTERM: time to finish in-flight work and hand the stage's state over
+    keep_activations: int = 16  # microbatches whose forward graph waits for their backward (0: recompute)
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,11 @@ class SwarmLayout:
     workdir: Path | None = None
     log_level: str = "info"
     train_args: list[str] = field(default_factory=list)  # extra flags for `cfnode train`
+    join_args: list[str] = field(default_factory=list)  # extra flags for every `cfnode join`
     kills: list[tuple[int, int]] = field(default_factory=list)  # (stage, step): SIGKILL the stage's peers then
     churn: float = 0.0  # chance per stage per step that all its peers are SIGKILLed
     churn_seed: int = 0
+    threads: int | None = None  # torch threads per process (None: the cores shared out among trainer and peers)
 
 
 @dataclass
@@ -124,6 +126,9 @@ class LocalSwarm:
         self.children: list[Child] = []
         self.peers: list[Child] = []
         self.maddr = ""
+        # Every process computing on all cores at once thrashes them; a share each lets stages work side by side.
+        compute_processes = layout.spec.num_stages * layout.replicas + 1
+        self.threads = layout.threads or max(1, (os.cpu_count() or 1) // compute_processes)
         churning = bool(layout.kills or layout.churn)
         # Churn follows the trainer's step events, so it needs them in a file even if the user asked for none.
         self.events_path = Path(layout.log_jsonl) if layout.log_jsonl else (
@@ -155,7 +160,7 @@ class LocalSwarm:
         # --leave-timeout 0: the local swarm stops as a whole, when a hand-over to another peer is pointless.
         child = spawn(name, ["join", "--initial-peers", self.maddr, "--stage", str(stage),
                              "--run-id", self.layout.spec.run_id, "--log-level", level, "--leave-timeout", "0",
-                             *extra],
+                             "--threads", str(self.threads), *self.layout.join_args, *extra],
                       self.workdir / f"{name}.log")
         self._record(child)
         self.peers.append(child)
@@ -200,7 +205,7 @@ class LocalSwarm:
         layout = self.layout
         args = ["train", "--initial-peers", self.maddr, "--steps", str(layout.steps),
                 "--batch-size", str(layout.batch_size), "--microbatches", str(layout.microbatches),
-                "--run-id", layout.spec.run_id, "--log-level", layout.log_level]
+                "--run-id", layout.spec.run_id, "--log-level", layout.log_level, "--threads", str(self.threads)]
         if layout.data_path:
             args += ["--data", layout.data_path]
         if self.events_path is not None:

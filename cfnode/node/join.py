@@ -21,9 +21,10 @@ logger = get_logger(__name__)
 async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> None:
     async with connect(config.network) as (dht, p2p, identity):
         spec = await read_spec(dht, config.network)
-        client = StageClient(p2p, spec.max_message_bytes)
+        client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype)
         stage = await pick_stage(config, dht, spec, client)
-        peer = StagePeer(spec, stage, identity, dht, client, config.device, config.request_timeout)
+        peer = StagePeer(spec, stage, identity, dht, client, config.device, config.request_timeout,
+                         config.keep_activations)
         metrics = PeerMetrics(peer)
         metrics_server = contextlib.ExitStack()  # bound first: a busy port fails before this peer announces
         metrics_server.enter_context(serving(metrics.registry, config.network.host, config.metrics_port))

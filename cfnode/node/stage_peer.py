@@ -28,6 +28,7 @@ from cfnode.protocol.keys import stage_key
 from cfnode.protocol.messages import (
     BAD_REQUEST,
     GROUP_FAILED,
+    NO_ACTIVATIONS,
     NOT_READY,
     STALE,
     BackwardRequest,
@@ -40,12 +41,18 @@ from cfnode.protocol.messages import (
 )
 from cfnode.protocol.records import PeerState, StageAnnouncement
 from cfnode.protocol.service import RequestRefused, StageClient
+from cfnode.protocol.timing import add_time
 from cfnode.protocol.validation import validate_hidden
 from cfnode.recovery.rebuild import plan_rebuild, rebuild_weights, source_weights
 from cfnode.recovery.refit import refit
 
 logger = get_logger(__name__)
 T = TypeVar("T")
+
+# After a step, a peer re-announces (its new step) only if its last announcement is older than this. Every store
+# is signed, sent to and verified by several DHT nodes: once per step it cost about 8% of the CPU of a local swarm.
+# Whoever needs a peer's exact step asks the peer (live_stage_map, the trainer's step replies).
+STEP_ANNOUNCE_SECONDS = 1.0
 
 
 class ThroughputMeter:
@@ -64,7 +71,7 @@ class StagePeer:
     """One replica of body stage `stage`: the StageBackend behind StageService."""
 
     def __init__(self, spec: RunSpec, stage: int, identity: Identity, dht: hivemind.DHT, client: StageClient,
-                 device: str = "cpu", request_timeout: float = 30.0):
+                 device: str = "cpu", request_timeout: float = 30.0, keep_activations: int = 16):
         self.spec, self.stage, self.identity = spec, stage, identity
         self.peer_id = identity.peer_id.to_base58()
         self.dht, self.client = dht, client
@@ -87,10 +94,14 @@ class StagePeer:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"stage{stage}-compute")
         self._state_lock = asyncio.Lock()  # held while the weights change (step, state load)
         self._input_grads: dict[int, torch.Tensor] = {}  # microbatch -> input grad, this step: retries are idempotent
+        # microbatch -> (input, output) with the autograd graph of this step's forward, until its backward arrives.
+        self.keep_activations = keep_activations
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._grads_cache: tuple[int, list[torch.Tensor]] | None = None  # (step, summed-over-microbatches grads)
         self._resync_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._announce_lock = asyncio.Lock()
+        self._announced_at = 0.0  # time.monotonic() of the last announcement
         self._step_anchored = False  # True once this copy has stepped or copied a replica: its step is real
         self.recovery_timing: dict[str, float] = {}
         self.refit_report: dict = {}  # a rebuilt stage's refit result, or why it was skipped (announced)
@@ -250,19 +261,40 @@ class StagePeer:
 
     async def forward(self, request: ForwardRequest) -> torch.Tensor:
         hidden = self._check(request.stage, request.step, request.hidden, "hidden")
-        return await self._timed(hidden.shape[0] * hidden.shape[1], self._forward, hidden)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        if not (request.keep and self.keep_activations):
+            return await self._timed(tokens, self._forward, hidden)
+        hidden, output = await self._timed(tokens, self._forward_keeping, hidden)
+        self._kept[request.microbatch] = (hidden, output)
+        while len(self._kept) > self.keep_activations:  # the oldest falls back to recomputation
+            del self._kept[next(iter(self._kept))]
+        return output.detach().cpu()
 
     async def backward(self, request: BackwardRequest) -> torch.Tensor:
-        hidden = self._check(request.stage, request.step, request.hidden, "hidden")
+        if request.hidden is None:
+            self._check_stage(request.stage)
+            self._check_ready_and_step(request.step)
+            hidden_in = None
+        else:
+            hidden_in = self._check(request.stage, request.step, request.hidden, "hidden")
         grad_output = validate_hidden(request.grad_output, self.spec, "grad_output")
-        if grad_output.shape != hidden.shape:
-            raise RequestRefused(BAD_REQUEST, f"grad_output shape {tuple(grad_output.shape)} differs from hidden "
-                                              f"shape {tuple(hidden.shape)}")
         await self._adopt_session(request.session)
         if request.microbatch in self._input_grads:  # a retry of a backward already accumulated
             return self._input_grads[request.microbatch]
+        kept = self._kept.get(request.microbatch)
+        if hidden_in is None and kept is None:
+            raise RequestRefused(NO_ACTIVATIONS, f"no activations kept for microbatch {request.microbatch}; "
+                                                 "send its input")
+        hidden = kept[0] if kept is not None else hidden_in
+        if grad_output.shape != hidden.shape:
+            raise RequestRefused(BAD_REQUEST, f"grad_output shape {tuple(grad_output.shape)} differs from hidden "
+                                              f"shape {tuple(hidden.shape)}")
         tokens = hidden.shape[0] * hidden.shape[1]
-        grad_input = await self._timed(2 * tokens, self._backward, hidden, grad_output)
+        if kept is not None:
+            del self._kept[request.microbatch]  # a graph runs backward once
+            grad_input = await self._timed(tokens, self._backward_kept, *kept, grad_output)
+        else:
+            grad_input = await self._timed(2 * tokens, self._backward, hidden_in, grad_output)
         self._input_grads[request.microbatch] = grad_input
         self._grads_cache = None
         return grad_input
@@ -303,9 +335,11 @@ class StagePeer:
             self._step_anchored = True
             self.current_step += 1
             self._input_grads.clear()
+            self._kept.clear()  # their graphs saw the weights this step just changed
             # Keep this step's own gradients: a slower replica of the group may still fetch them.
             self._grads_cache = (request.step, own)
-        self._spawn(self.announce())  # status and the trainer see the new step promptly
+        if time.monotonic() - self._announced_at > STEP_ANNOUNCE_SECONDS:
+            self._spawn(self.announce())  # status sees the new step soon; a store per step would cost much CPU
         return StepReply(self.current_step, self.grad_norm)
 
     async def describe(self) -> dict:
@@ -384,14 +418,17 @@ class StagePeer:
 
     def _check(self, stage: int, step: int, hidden: torch.Tensor, name: str) -> torch.Tensor:
         self._check_stage(stage)
-        if self.state != PeerState.ONLINE:
-            raise RequestRefused(NOT_READY, f"peer is {self.state.value}")
         try:
             checked = validate_hidden(hidden, self.spec, name)
         except ProtocolError as e:
             raise RequestRefused(BAD_REQUEST, str(e)) from None
-        self._check_step(step)
+        self._check_ready_and_step(step)
         return checked
+
+    def _check_ready_and_step(self, step: int) -> None:
+        if self.state != PeerState.ONLINE:
+            raise RequestRefused(NOT_READY, f"peer is {self.state.value}")
+        self._check_step(step)
 
     async def _own_grads(self, step: int) -> list[torch.Tensor]:
         if self._grads_cache is None or self._grads_cache[0] != step:
@@ -400,17 +437,21 @@ class StagePeer:
 
     def _reset_step_buffers(self) -> None:
         self._input_grads.clear()
+        self._kept.clear()
         self._grads_cache = None
 
     async def _compute(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     async def _timed(self, tokens: int, fn: Callable[..., T], *args) -> T:
+        """Compute on the worker, recording the wait for it (`queue`) and the compute itself for the reply."""
         self.load += 1
         try:
-            started = time.perf_counter()
-            result = await self._compute(fn, *args)
-            self.throughput.record(tokens, time.perf_counter() - started)
+            submitted = time.perf_counter()
+            result, started, finished = await self._compute(_run_timed, fn, *args)
+            self.throughput.record(tokens, finished - started)
+            add_time("queue", started - submitted)
+            add_time("compute", finished - started)
             return result
         finally:
             self.load -= 1
@@ -419,8 +460,18 @@ class StagePeer:
         with torch.no_grad():
             return self.model(hidden.to(self.device)).cpu()
 
+    def _forward_keeping(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = hidden.to(self.device).requires_grad_(True)
+        return hidden, self.model(hidden)
+
+    @staticmethod
+    def _backward_kept(hidden: torch.Tensor, output: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+        output.backward(grad_output.to(output.device))
+        return hidden.grad.cpu()
+
     def _backward(self, hidden: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-        # Recompute the forward: the peer keeps no activations between calls, so a retry can go to any replica.
+        # Recompute the forward: the backward of a microbatch whose forward ran elsewhere (a retry on another
+        # replica, a replay after a replica died) or whose activations were not kept.
         hidden = hidden.to(self.device).requires_grad_(True)
         output = self.model(hidden)
         output.backward(grad_output.to(self.device))
@@ -448,7 +499,7 @@ class StagePeer:
         """This replica fell behind (it missed a step); copy a replica that is at the swarm's step."""
         logger.warning(f"stage {self.stage}: at step {self.current_step} but the swarm is at step {target_step}; "
                        "resyncing")
-        stage_map = await read_stage_map(self.dht, self.spec)
+        stage_map = await live_stage_map(self.dht, self.spec, self.client)  # the replicas' steps now, not announced
         replicas = [p for p in stage_map.get(self.stage, []) if p.state in (PeerState.ONLINE, PeerState.LEAVING)
                     and p.peer_id != self.peer_id and p.step >= target_step]
         self.state = PeerState.JOINING
@@ -548,6 +599,7 @@ class StagePeer:
         # One announcement at a time: the DHT keeps a subkey's value with the latest expiration, so two racing
         # stores would have the older record win or the newer one refused.
         async with self._announce_lock:
+            self._announced_at = time.monotonic()
             record = self.announcement().to_wire()
             expiration = get_dht_time() + self.spec.announce_ttl
             ok = await self.dht.store(stage_key(self.spec.run_id, self.stage), record, expiration,
@@ -573,6 +625,12 @@ class StagePeer:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_timed(fn: Callable[..., T], *args) -> tuple[T, float, float]:
+    started = time.perf_counter()
+    result = fn(*args)
+    return result, started, time.perf_counter()
 
 
 async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec, client: StageClient) -> int:
@@ -607,13 +665,27 @@ async def live_stage_map(dht: hivemind.DHT, spec: RunSpec, client: StageClient, 
     stage_map = merge_stage_maps(await read_stage_map(dht, spec), await read_stage_map(dht, spec), spec.announce_ttl)
     peers = [p for records in stage_map.values() for p in records]
 
-    async def answers(peer: StageAnnouncement) -> bool:
+    async def current(peer: StageAnnouncement) -> StageAnnouncement | None:
+        """The peer's own account of itself (its step and state now), or None if it does not answer. An
+        announcement can lag a step or two behind: peers refresh it at most every STEP_ANNOUNCE_SECONDS."""
+        for attempt_timeout in (timeout, 3 * timeout):
+            try:
+                info = await client.info(peer.peer_id, peer.stage, attempt_timeout)
+                break
+            except asyncio.TimeoutError:
+                # Slow, not gone: on an overloaded machine a live peer can miss a short deadline, and a newcomer
+                # that took its stage for lost would rebuild a stage that has peers. A dead process refuses at once.
+                continue
+            except Exception:
+                return None
+        else:
+            return None
         try:
-            await client.info(peer.peer_id, peer.stage, timeout)
-            return True
+            fresh = StageAnnouncement.from_wire(info)
         except Exception:
-            return False
+            return peer
+        return fresh if (fresh.peer_id, fresh.stage) == (peer.peer_id, peer.stage) else peer
 
-    alive = await asyncio.gather(*[answers(p) for p in peers])
-    dead = {p.peer_id for p, ok in zip(peers, alive) if not ok}
-    return {stage: [p for p in records if p.peer_id not in dead] for stage, records in stage_map.items()}
+    answers = dict(zip([p.peer_id for p in peers], await asyncio.gather(*[current(p) for p in peers])))
+    return {stage: [answers[p.peer_id] for p in records if answers[p.peer_id] is not None]
+            for stage, records in stage_map.items()}

@@ -39,6 +39,7 @@ from cfnode.protocol.keys import trainer_key
 from cfnode.protocol.messages import (
     BAD_REQUEST,
     GROUP_FAILED,
+    NO_ACTIVATIONS,
     NOT_READY,
     STALE,
     TRUNCATED,
@@ -53,6 +54,7 @@ from cfnode.protocol.messages import (
 )
 from cfnode.protocol.records import TrainerAnnouncement
 from cfnode.protocol.service import RequestRefused, StageClient, TrainerService
+from cfnode.protocol.timing import add_time, collecting
 from cfnode.protocol.validation import validate_hidden
 from cfnode.recovery.refit import ActivationCache
 from cfnode.recovery.schedule import microbatch_routes
@@ -87,7 +89,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
                                            betas=(0.9, 0.95))
         self.router = Router(dht, spec, config.ban_seconds)
-        self.client = StageClient(p2p, spec.max_message_bytes)
+        self.client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype)
         self.p2p_peer_id = p2p.peer_id.to_base58()
         self.events = EventLog(config.log_jsonl)
         self.metrics = TrainerMetrics()
@@ -120,13 +122,15 @@ class Trainer:
                              num_stages=self.spec.num_stages)
             while self.step < first_step + self.config.steps:
                 started = time.perf_counter()
-                last_loss = await self.train_step()
+                with collecting({}) as timing:
+                    last_loss = await self.train_step()
                 elapsed = time.perf_counter() - started
                 tokens = self.config.batch_size * self.spec.seq_len
                 done = self.step - first_step
                 record = dict(step=self.step, loss=round(last_loss, 5), tokens=tokens,
                               step_time=round(elapsed, 4), tokens_per_s=round(tokens / elapsed, 1),
-                              grad_norms={str(s): round(n, 5) for s, n in self.grad_norms.items()})
+                              grad_norms={str(s): round(n, 5) for s, n in self.grad_norms.items()},
+                              time_split=time_split(timing))
                 val_text = ""
                 if (self.config.eval_every and done % self.config.eval_every == 0) or done == self.config.steps:
                     val_loss = await self.evaluate()
@@ -164,10 +168,11 @@ class Trainer:
         # the head and the step count never disagree in what it leaves behind.
         self._stepping = asyncio.ensure_future(self._apply_step())
         await asyncio.shield(self._stepping)
-        if self.spec.head_copy_every and self.step % self.spec.head_copy_every == 0:
-            await self._copy_head_to_edges()
-        if self.config.state_path and self.step % self.config.state_every == 0:
-            await self._save_own_state()
+        with collecting({}):  # housekeeping, not the step's own calls: left out of its time_split
+            if self.spec.head_copy_every and self.step % self.spec.head_copy_every == 0:
+                await self._copy_head_to_edges()
+            if self.config.state_path and self.step % self.config.state_every == 0:
+                await self._save_own_state()
         return sum(losses) / len(losses)
 
     async def _apply_step(self) -> None:
@@ -191,21 +196,23 @@ class Trainer:
         embedded = await self._compute(self._embed, inputs, True)  # keeps its graph for the embedding's grad
         hidden = embedded.detach()
         stage_inputs: dict[int, torch.Tensor] = {}
+        forward_peers: dict[int, str] = {}  # who ran each stage's forward (and kept its activations)
         for stage in route:
             stage_inputs[stage] = hidden
-            _, hidden = await self._forward(stage, index, hidden)
+            forward_peers[stage], hidden = await self._forward(stage, index, hidden, keep=True)
             self.activations.record(stage, stage_inputs[stage], hidden)  # in the order the stage ran them
         loss, grad = await self._compute(self._head_backward, hidden, targets)
         for stage in reversed(route):
             hidden_in = stage_inputs[stage]
-            peer, grad_in = await self._backward(stage, index, hidden_in, grad)
+            peer, grad_in = await self._backward(stage, index, hidden_in, grad, forward_peers[stage])
             self._sent[stage][index] = SentBackward(peer, hidden_in, grad)
             grad = grad_in
         await self._compute(lambda: embedded.backward(grad.to(self.device)))
         return loss
 
-    async def _forward(self, stage: int, microbatch: int, hidden: torch.Tensor) -> tuple[str, torch.Tensor]:
-        request = ForwardRequest(stage, self.step, microbatch, hidden)
+    async def _forward(self, stage: int, microbatch: int, hidden: torch.Tensor,
+                       keep: bool = False) -> tuple[str, torch.Tensor]:
+        request = ForwardRequest(stage, self.step, microbatch, hidden, keep)
 
         async def call(peer: str) -> torch.Tensor:
             output = await self.client.forward(peer, request, self.config.request_timeout)
@@ -213,12 +220,23 @@ class Trainer:
 
         return await self._call(stage, "forward", call)
 
-    async def _backward(self, stage: int, microbatch: int, hidden: torch.Tensor,
-                        grad_output: torch.Tensor) -> tuple[str, torch.Tensor]:
-        request = BackwardRequest(stage, self.step, microbatch, hidden, grad_output, self.session)
+    async def _backward(self, stage: int, microbatch: int, hidden: torch.Tensor, grad_output: torch.Tensor,
+                        forward_peer: str | None = None) -> tuple[str, torch.Tensor]:
+        """The peer that ran this microbatch's forward kept its activations: it gets only the gradient. Any other
+        peer (a retry elsewhere, a replay), or one that no longer has them, gets the input to recompute from."""
+        with_input = BackwardRequest(stage, self.step, microbatch, hidden, grad_output, self.session)
+        without_input = BackwardRequest(stage, self.step, microbatch, None, grad_output, self.session)
 
         async def call(peer: str) -> torch.Tensor:
-            grad_input = await self.client.backward(peer, request, self.config.request_timeout)
+            if peer == forward_peer:
+                try:
+                    grad_input = await self.client.backward(peer, without_input, self.config.request_timeout)
+                except RemoteError as e:
+                    if e.code != NO_ACTIVATIONS:
+                        raise
+                    grad_input = await self.client.backward(peer, with_input, self.config.request_timeout)
+            else:
+                grad_input = await self.client.backward(peer, with_input, self.config.request_timeout)
             return self._check_reply(grad_input, hidden.shape, "input gradient", stage)
 
         return await self._call(stage, "backward", call)
@@ -451,7 +469,12 @@ class Trainer:
     # --- local compute (one worker thread: the head's autograd is not shared between threads) --------------
 
     async def _compute(self, fn: Callable[..., T], *args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        submitted = time.perf_counter()
+        result, started, finished = await asyncio.get_running_loop().run_in_executor(self._worker, _run_timed, fn,
+                                                                                     *args)
+        add_time("head_queue", started - submitted)
+        add_time("head_compute", finished - started)
+        return result
 
     def _embed(self, tokens: torch.Tensor, with_grad: bool) -> torch.Tensor:
         with torch.set_grad_enabled(with_grad):
@@ -474,6 +497,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def _run_timed(fn: Callable[..., T], *args) -> tuple[T, float, float]:
+    started = time.perf_counter()
+    result = fn(*args)
+    return result, started, time.perf_counter()
+
+
 async def _retry_cut_streams(fn: Callable[[str], Awaitable[T]], peer: str, attempts: int = 3) -> T:
     """The p2p daemon now and then cuts the tail off a stream; the same call again usually goes through.
     Retrying the same peer is safe: a stage accumulates each microbatch's backward only once per step."""
@@ -486,6 +515,21 @@ async def _retry_cut_streams(fn: Callable[[str], Awaitable[T]], peer: str, attem
                 raise
             logger.debug(f"stream to {peer} was cut short ({e}); sending it again")
     raise AssertionError("unreachable")
+
+
+def time_split(timing: dict[str, float]) -> dict[str, float]:
+    """A step's call time by where it went, in seconds summed over all calls (concurrent calls overlap, so the
+    sum exceeds the step's wall time): compute at the stages and at the trainer's head, the wait for a stage's
+    compute worker, (de)serialisation on both sides, and the rest of each call's round trip: the transfer
+    (both p2p daemons, the network, the reply's encoding at the stage and each side's event loop)."""
+    stage_side = sum(timing.get(f"stage_{kind}", 0.0) for kind in ("decode", "queue", "compute"))
+    local_side = timing.get("encode", 0.0) + timing.get("decode", 0.0)
+    split = dict(stage_compute=timing.get("stage_compute", 0.0), head_compute=timing.get("head_compute", 0.0),
+                 stage_queue=timing.get("stage_queue", 0.0),
+                 serialization=local_side + timing.get("stage_decode", 0.0),
+                 transfer=max(0.0, timing.get("call", 0.0) - stage_side - local_side),
+                 calls=timing.get("call", 0.0))
+    return {kind: round(seconds, 4) for kind, seconds in split.items()}
 
 
 def _describe(error: BaseException) -> str:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import hivemind.compression.base
 import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -18,10 +19,14 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
 from cfnode.config import MAX_MICROBATCHES
+from cfnode.protocol.timing import timed
 
 CHUNK_BYTES = 2**16  # activations and gradients: small streams, where small chunks start sooner
 STATE_CHUNK_BYTES = 2**20  # weights and optimiser state: large streams, where fewer chunks move faster
 MAX_METADATA_BYTES = 2**20
+# hivemind sends bfloat16 tensors widened to float32 unless told otherwise (its USE_LEGACY_BFLOAT16 switch, read
+# from the environment at import): send them as the 2 bytes they are. Its decoder reads both forms.
+hivemind.compression.base.USE_LEGACY_BFLOAT16 = False
 Message = TypeVar("Message", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
 
 
@@ -51,6 +56,7 @@ NOT_READY = "not_ready"  # the peer is joining or leaving
 INTERNAL = "internal"  # an unexpected failure while handling a valid request
 TRUNCATED = "truncated"  # the request stream arrived incomplete; sending it again usually works
 GROUP_FAILED = "group_failed"  # a step could not gather the gradients of every replica; nothing was applied
+NO_ACTIVATIONS = "no_activations"  # a backward without its input, and the peer kept no activations for it
 
 
 @dataclass
@@ -59,6 +65,11 @@ class Envelope:
 
     meta: dict[str, Any]
     tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+def wire_dtype(name: str) -> torch.dtype | None:
+    """The dtype a RunSpec's `wire_dtype` names; None for float32, which needs no conversion."""
+    return None if name == "float32" else getattr(torch, name)
 
 
 def pack_meta(meta: dict[str, Any]) -> bytes:
@@ -79,16 +90,21 @@ def unpack_meta(raw: bytes) -> dict[str, Any]:
     return meta
 
 
-def to_chunks(envelope: Envelope, message_type: type[Message], half_precision: bool = False,
+def to_chunks(envelope: Envelope, message_type: type[Message], wire: torch.dtype | None = None,
               chunk_bytes: int = CHUNK_BYTES) -> Iterator[Message]:
-    """Encode an envelope as a stream: metadata in the first message, then the tensors' chunks in order."""
-    compression = runtime_pb2.CompressionType.FLOAT16 if half_precision else runtime_pb2.CompressionType.NONE
+    """Encode an envelope as a stream: metadata in the first message, then the tensors' chunks in order.
+    With `wire`, floating-point tensors travel in that dtype (the receiver computes in float32 anyway)."""
     first = True
     for tensor in envelope.tensors:
-        serialized = serialize_torch_tensor(tensor.detach(), compression)
-        for part in split_for_streaming(serialized, chunk_bytes):
-            yield message_type(tensors=[part], metadata=pack_meta(envelope.meta) if first else b"")
-            first = False
+        with timed("encode"):
+            tensor = tensor.detach()
+            if wire is not None and tensor.is_floating_point() and tensor.dtype != wire:
+                tensor = tensor.to(wire)
+            messages = []
+            for part in split_for_streaming(serialize_torch_tensor(tensor), chunk_bytes):
+                messages.append(message_type(tensors=[part], metadata=pack_meta(envelope.meta) if first else b""))
+                first = False
+        yield from messages
     if first:
         yield message_type(metadata=pack_meta(envelope.meta))
 
@@ -124,7 +140,8 @@ async def from_chunks(stream: AsyncIterator[Message], max_bytes: int) -> Envelop
                 pending, pending_parts = part, []
             pending_parts.append(part.buffer)
             if len(pending_parts) >= max(pending.chunks, 1):
-                tensors.append(_combine(pending, pending_parts))
+                with timed("decode"):
+                    tensors.append(_combine(pending, pending_parts))
                 pending = None
     if meta is None:
         raise TruncatedStream("empty message stream")  # the daemon dropped the whole stream: worth a retry
@@ -201,16 +218,18 @@ class ForwardRequest:
     step: int  # the caller's optimiser step; a peer at another step refuses as STALE
     microbatch: int
     hidden: torch.Tensor  # (B, T, C) input of the stage
+    keep: bool = False  # training: keep the activations, so this microbatch's backward need not recompute them
 
     def envelope(self) -> Envelope:
-        return Envelope({"stage": self.stage, "step": self.step, "microbatch": self.microbatch}, [self.hidden])
+        meta = {"stage": self.stage, "step": self.step, "microbatch": self.microbatch, "keep": self.keep}
+        return Envelope(meta, [self.hidden])
 
     @classmethod
     def parse(cls, envelope: Envelope) -> ForwardRequest:
         meta = envelope.meta
         (hidden,) = _tensors(envelope, 1, "forward")
         return cls(_counter(meta, "stage"), _counter(meta, "step"), _counter(meta, "microbatch", MAX_MICROBATCHES),
-                   hidden)
+                   hidden, _field(meta, "keep", bool) if "keep" in meta else False)
 
 
 @dataclass
@@ -218,18 +237,23 @@ class BackwardRequest:
     stage: int
     step: int
     microbatch: int
-    hidden: torch.Tensor  # (B, T, C) the same input the forward saw; the peer recomputes from it
+    # (B, T, C) the input the forward saw, for a peer to recompute from; None: the peer that ran this microbatch's
+    # forward with keep=True uses the activations it kept (and refuses with NO_ACTIVATIONS if it has none).
+    hidden: torch.Tensor | None
     grad_output: torch.Tensor  # (B, T, C) gradient of the loss w.r.t. the stage output
     session: str = ""  # the trainer run; gradients a previous trainer left half-accumulated are dropped
 
     def envelope(self) -> Envelope:
         meta = {"stage": self.stage, "step": self.step, "microbatch": self.microbatch, "session": self.session}
-        return Envelope(meta, [self.hidden, self.grad_output])
+        return Envelope(meta, [self.grad_output] if self.hidden is None else [self.hidden, self.grad_output])
 
     @classmethod
     def parse(cls, envelope: Envelope) -> BackwardRequest:
         meta = envelope.meta
-        hidden, grad_output = _tensors(envelope, 2, "backward")
+        if len(envelope.tensors) == 1:
+            hidden, (grad_output,) = None, envelope.tensors
+        else:
+            hidden, grad_output = _tensors(envelope, 2, "backward")
         return cls(_counter(meta, "stage"), _counter(meta, "step"), _counter(meta, "microbatch", MAX_MICROBATCHES),
                    hidden, grad_output, _session(meta))
 

@@ -17,6 +17,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.logging import get_logger
 
+from cfnode.config import RunSpec
 from cfnode.protocol.messages import (
     BAD_REQUEST,
     INTERNAL,
@@ -38,7 +39,9 @@ from cfnode.protocol.messages import (
     raise_for_error,
     to_chunks,
     to_message,
+    wire_dtype,
 )
+from cfnode.protocol.timing import add_time, collecting, timed
 
 logger = get_logger(__name__)
 
@@ -60,6 +63,7 @@ class RequestRefused(Exception):
 class StageBackend(Protocol):
     """What a stage peer implements; the service does the wire work around it."""
 
+    spec: RunSpec
     max_request_bytes: int  # activations and gradients
     max_copy_bytes: int  # a state copy to keep (put_copy)
 
@@ -83,23 +87,28 @@ class StageBackend(Protocol):
 class StageService(ServicerBase):
     def __init__(self, backend: StageBackend):
         self.backend = backend
+        self.wire_dtype = wire_dtype(backend.spec.wire_dtype)  # of forward outputs and input gradients
 
     async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def handle() -> Envelope:
-            request = ForwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
-            return Envelope({}, [await self.backend.forward(request)])
+            with collecting({}) as timing:  # the reply says where this call's time went on this side
+                request = ForwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
+                output = await self.backend.forward(request)
+            return Envelope({"timing": _rounded(timing)}, [output])
 
         reply = await _guarded(handle, "forward", requests, self.backend.max_request_bytes)
-        for message in to_chunks(reply, Response):
+        for message in to_chunks(reply, Response, self.wire_dtype):
             yield message
 
     async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def handle() -> Envelope:
-            request = BackwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
-            return Envelope({}, [await self.backend.backward(request)])
+            with collecting({}) as timing:
+                request = BackwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
+                grad_input = await self.backend.backward(request)
+            return Envelope({"timing": _rounded(timing)}, [grad_input])
 
         reply = await _guarded(handle, "backward", requests, self.backend.max_request_bytes)
-        for message in to_chunks(reply, Response):
+        for message in to_chunks(reply, Response, self.wire_dtype):
             yield message
 
     async def rpc_step(self, request: Request, context: P2PContext) -> Response:
@@ -216,18 +225,19 @@ async def _reply_or_error(handle, name: str) -> Envelope:
 class StageClient:
     """Calls a stage peer's RPCs. Every call has a deadline; failures raise RemoteError or the transport's error."""
 
-    def __init__(self, p2p: P2P, max_reply_bytes: int):
+    def __init__(self, p2p: P2P, max_reply_bytes: int, wire_dtype_name: str = "float32"):
         self.p2p = p2p
         self.max_reply_bytes = max_reply_bytes
+        self.wire_dtype = wire_dtype(wire_dtype_name)  # of the activations and gradients this client sends
 
     def _stub(self, peer_id: str, service: type[ServicerBase] = StageService):
         return service.get_stub(self.p2p, PeerID.from_base58(peer_id))
 
     async def _stream(self, method: str, peer_id: str, envelope: Envelope, timeout: float,
-                      half_precision: bool = False) -> Envelope:
+                      wire: torch.dtype | None = None) -> Envelope:
         async def call() -> Envelope:
             stub = self._stub(peer_id)
-            chunks = list(to_chunks(envelope, Request, half_precision))  # encode errors surface here, not mid-stream
+            chunks = list(to_chunks(envelope, Request, wire))  # encode errors surface here, not mid-stream
 
             async def requests() -> AsyncIterator[Request]:
                 for chunk in chunks:
@@ -236,7 +246,14 @@ class StageClient:
             replies = await getattr(stub, method)(requests())
             return raise_for_error(await from_chunks(replies, self.max_reply_bytes))
 
-        return await asyncio.wait_for(call(), timeout)
+        with timed("call"):
+            reply = await asyncio.wait_for(call(), timeout)
+        remote = reply.meta.get("timing")
+        if isinstance(remote, dict):  # the peer's own account of the call; informative only, never trusted
+            for kind, seconds in remote.items():
+                if kind in REMOTE_TIMES and isinstance(seconds, (int, float)) and 0 <= seconds < timeout:
+                    add_time(f"stage_{kind}", float(seconds))
+        return reply
 
     async def _server_stream(self, method: str, peer_id: str, envelope: Envelope, timeout: float,
                              service: type[ServicerBase] = StageService) -> Envelope:
@@ -251,11 +268,11 @@ class StageClient:
         return raise_for_error(from_message(reply))
 
     async def forward(self, peer_id: str, request: ForwardRequest, timeout: float) -> torch.Tensor:
-        reply = await self._stream("rpc_forward", peer_id, request.envelope(), timeout)
+        reply = await self._stream("rpc_forward", peer_id, request.envelope(), timeout, self.wire_dtype)
         return _single_tensor(reply, "forward")
 
     async def backward(self, peer_id: str, request: BackwardRequest, timeout: float) -> torch.Tensor:
-        reply = await self._stream("rpc_backward", peer_id, request.envelope(), timeout)
+        reply = await self._stream("rpc_backward", peer_id, request.envelope(), timeout, self.wire_dtype)
         return _single_tensor(reply, "backward")
 
     async def step(self, peer_id: str, request: StepRequest, timeout: float) -> StepReply:
@@ -289,6 +306,13 @@ class StageClient:
     async def get_copy(self, peer_id: str, stage: int, timeout: float) -> StateSnapshot:
         envelope = StageRequest(stage).envelope()
         return StateSnapshot.parse(await self._server_stream("rpc_get_copy", peer_id, envelope, timeout))
+
+
+REMOTE_TIMES = ("decode", "queue", "compute")  # what a stage reports of a forward or backward call
+
+
+def _rounded(timing: dict[str, float]) -> dict[str, float]:
+    return {kind: round(seconds, 6) for kind, seconds in timing.items()}
 
 
 def _single_tensor(envelope: Envelope, what: str) -> torch.Tensor:

@@ -52,6 +52,8 @@ def test_replace_validates():
         ({"seed": True}, "seed"),
         ({"recovery": "bogus"}, "recovery"),
         ({"recovery": 5}, "recovery"),
+        ({"wire_dtype": "float16"}, "wire_dtype"),
+        ({"wire_dtype": None}, "wire_dtype"),
         ({"run_id": "a/b"}, "run_id"),
         ({"run_id": "a.b"}, "run_id"),
         ({"run_id": "a b"}, "run_id"),

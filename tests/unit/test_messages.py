@@ -28,6 +28,7 @@ from cfnode.protocol.messages import (
     to_chunks,
     to_message,
     unpack_meta,
+    wire_dtype,
 )
 
 BIG = 10**9
@@ -42,8 +43,8 @@ def decode(chunks, max_bytes: int = BIG) -> Envelope:
     return asyncio.run(from_chunks(_stream(list(chunks)), max_bytes))
 
 
-def chunks_of(envelope: Envelope, message_type=runtime_pb2.ExpertRequest, half_precision: bool = False) -> list:
-    return list(to_chunks(envelope, message_type, half_precision=half_precision))
+def chunks_of(envelope: Envelope, message_type=runtime_pb2.ExpertRequest, wire: torch.dtype | None = None) -> list:
+    return list(to_chunks(envelope, message_type, wire))
 
 
 def assert_same_tensors(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
@@ -107,19 +108,21 @@ def test_chunk_round_trip_detaches():
     assert torch.equal(envelope.tensors[0], (tensor * 2).detach())
 
 
-def test_half_precision_round_trip():
+def test_bfloat16_wire_round_trip():
     gen = torch.Generator().manual_seed(1)
-    tensors = [torch.randn(2, 50, 400, generator=gen), torch.zeros(3, 3), torch.randn(0, 4)]
+    tensors = [torch.randn(2, 50, 400, generator=gen), torch.zeros(3, 3), torch.randn(0, 4), torch.arange(3)]
     full = chunks_of(Envelope(META, tensors))
-    half = chunks_of(Envelope(META, tensors), half_precision=True)
+    half = chunks_of(Envelope(META, tensors), wire=wire_dtype("bfloat16"))
     size = sum(len(p.buffer) for c in half for p in c.tensors)
     assert size < 0.6 * sum(len(p.buffer) for c in full for p in c.tensors)
     envelope = decode(half)
     assert envelope.meta == META
     assert len(envelope.tensors) == len(tensors)
-    for got, sent in zip(envelope.tensors, tensors):
-        assert got.dtype == torch.float32 and got.shape == sent.shape
-        assert torch.equal(got, sent.half().float())
+    for got, sent in zip(envelope.tensors[:3], tensors):
+        assert got.dtype == torch.bfloat16 and got.shape == sent.shape  # the receiver casts (validate_hidden)
+        assert torch.equal(got.float(), sent.bfloat16().float())
+    assert torch.equal(envelope.tensors[3], tensors[3])  # integers travel as they are
+    assert wire_dtype("float32") is None
 
 
 def test_from_chunks_refuses_over_max_bytes():
@@ -264,11 +267,18 @@ def over_the_wire(envelope: Envelope) -> Envelope:
 
 def test_forward_request_round_trip():
     hidden = torch.randn(2, 5, 8)
-    request = ForwardRequest(stage=3, step=9, microbatch=1, hidden=hidden)
-    for envelope in (request.envelope(), over_the_wire(request.envelope())):
-        parsed = ForwardRequest.parse(envelope)
-        assert (parsed.stage, parsed.step, parsed.microbatch) == (3, 9, 1)
-        assert torch.equal(parsed.hidden, hidden)
+    for keep in (False, True):
+        request = ForwardRequest(stage=3, step=9, microbatch=1, hidden=hidden, keep=keep)
+        for envelope in (request.envelope(), over_the_wire(request.envelope())):
+            parsed = ForwardRequest.parse(envelope)
+            assert (parsed.stage, parsed.step, parsed.microbatch, parsed.keep) == (3, 9, 1, keep)
+            assert torch.equal(parsed.hidden, hidden)
+    envelope = ForwardRequest(1, 0, 0, hidden).envelope()
+    del envelope.meta["keep"]  # an older caller: no keep field means recompute
+    assert ForwardRequest.parse(envelope).keep is False
+    envelope.meta["keep"] = 1
+    with pytest.raises(ProtocolError, match="keep"):
+        ForwardRequest.parse(envelope)
 
 
 def test_backward_request_round_trip():
@@ -278,6 +288,13 @@ def test_backward_request_round_trip():
         parsed = BackwardRequest.parse(envelope)
         assert (parsed.stage, parsed.step, parsed.microbatch) == (1, 0, 3)
         assert torch.equal(parsed.hidden, hidden) and torch.equal(parsed.grad_output, grad)
+    # Without its input: the peer that ran the forward uses the activations it kept.
+    request = BackwardRequest(stage=1, step=0, microbatch=3, hidden=None, grad_output=grad, session="s")
+    for envelope in (request.envelope(), over_the_wire(request.envelope())):
+        parsed = BackwardRequest.parse(envelope)
+        assert parsed.hidden is None and torch.equal(parsed.grad_output, grad) and parsed.session == "s"
+    with pytest.raises(ProtocolError, match="2 tensor"):
+        BackwardRequest.parse(Envelope(request.envelope().meta, [grad, grad, grad]))
 
 
 def test_step_request_round_trip():
@@ -326,7 +343,7 @@ T = torch.zeros(1, 1, 4)
         # wrong tensor counts
         (ForwardRequest, Envelope(FORWARD_META, []), "tensor"),
         (ForwardRequest, Envelope(FORWARD_META, [T, T]), "tensor"),
-        (BackwardRequest, Envelope(FORWARD_META, [T]), "tensor"),
+        (BackwardRequest, Envelope(FORWARD_META, []), "tensor"),
         (BackwardRequest, Envelope(FORWARD_META, [T, T, T]), "tensor"),
         (StateSnapshot, Envelope({"stage": 1, "step": 0, "names": ["a"], "param_groups": []}, []), "names"),
         (StateSnapshot, Envelope({"stage": 1, "step": 0, "names": [], "param_groups": []}, [T]), "names"),

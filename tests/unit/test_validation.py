@@ -56,3 +56,11 @@ def test_refuses_non_finite(bad, dtype):
 def test_error_names_the_tensor():
     with pytest.raises(ProtocolError, match="grad_output"):
         validate_hidden(torch.zeros(1, 4, 31), SPEC, "grad_output")
+
+
+def test_accepts_huge_finite_values_whose_sum_overflows():
+    tensor = torch.full((2, 4, 32), torch.finfo(torch.float32).max / 2)  # the sum is inf, every value finite
+    assert torch.equal(validate_hidden(tensor, SPEC, "hidden"), tensor)
+    tensor[0, 0, 0] = float("nan")
+    with pytest.raises(ProtocolError, match="NaN or Inf"):
+        validate_hidden(tensor, SPEC, "hidden")
