@@ -32,6 +32,7 @@ from cfnode.protocol.messages import (
     NOT_READY,
     STALE,
     BackwardRequest,
+    ForwardReply,
     ForwardRequest,
     ProtocolError,
     StageRequest,
@@ -259,21 +260,22 @@ class StagePeer:
 
     # --- StageBackend ------------------------------------------------------------------------------------
 
-    async def forward(self, request: ForwardRequest) -> torch.Tensor:
+    async def forward(self, request: ForwardRequest) -> ForwardReply:
         hidden = self._check(request.stage, request.step, request.hidden, "hidden")
         tokens = hidden.shape[0] * hidden.shape[1]
         if not (request.keep and self.keep_activations):
-            return await self._timed(tokens, self._forward, hidden)
+            return ForwardReply(await self._timed(tokens, self._forward, hidden))
         hidden, output = await self._timed(tokens, self._forward_keeping, hidden)
         self._kept[request.microbatch] = (hidden, output)
         while len(self._kept) > self.keep_activations:  # the oldest falls back to recomputation
             del self._kept[next(iter(self._kept))]
-        return output.detach().cpu()
+        return ForwardReply(output.detach().cpu(), kept=True)
 
     async def backward(self, request: BackwardRequest) -> torch.Tensor:
         if request.hidden is None:
             self._check_stage(request.stage)
-            self._check_ready_and_step(request.step)
+            self._check_ready()
+            self._check_step(request.step)
             hidden_in = None
         else:
             hidden_in = self._check(request.stage, request.step, request.hidden, "hidden")
@@ -418,17 +420,17 @@ class StagePeer:
 
     def _check(self, stage: int, step: int, hidden: torch.Tensor, name: str) -> torch.Tensor:
         self._check_stage(stage)
+        self._check_ready()
         try:
             checked = validate_hidden(hidden, self.spec, name)
         except ProtocolError as e:
             raise RequestRefused(BAD_REQUEST, str(e)) from None
-        self._check_ready_and_step(step)
+        self._check_step(step)
         return checked
 
-    def _check_ready_and_step(self, step: int) -> None:
+    def _check_ready(self) -> None:
         if self.state != PeerState.ONLINE:
             raise RequestRefused(NOT_READY, f"peer is {self.state.value}")
-        self._check_step(step)
 
     async def _own_grads(self, step: int) -> list[torch.Tensor]:
         if self._grads_cache is None or self._grads_cache[0] != step:

@@ -185,7 +185,7 @@ class Trainer:
         for inputs, targets in self.dataset.val_batches(self.config.batch_size, self.config.eval_batches):
             hidden = await self._compute(self._embed, inputs, False)
             for stage in range(1, self.spec.num_stages + 1):
-                _, hidden = await self._forward(stage, 0, hidden)
+                _, (hidden, _) = await self._forward(stage, 0, hidden)
             losses.append(await self._compute(self._loss_only, hidden, targets))
         return sum(losses) / len(losses)
 
@@ -196,39 +196,41 @@ class Trainer:
         embedded = await self._compute(self._embed, inputs, True)  # keeps its graph for the embedding's grad
         hidden = embedded.detach()
         stage_inputs: dict[int, torch.Tensor] = {}
-        forward_peers: dict[int, str] = {}  # who ran each stage's forward (and kept its activations)
+        kept_by: dict[int, str | None] = {}  # the peer that ran each stage's forward and kept its activations
         for stage in route:
             stage_inputs[stage] = hidden
-            forward_peers[stage], hidden = await self._forward(stage, index, hidden, keep=True)
+            peer, (hidden, kept) = await self._forward(stage, index, hidden, keep=True)
+            kept_by[stage] = peer if kept else None
             self.activations.record(stage, stage_inputs[stage], hidden)  # in the order the stage ran them
         loss, grad = await self._compute(self._head_backward, hidden, targets)
         for stage in reversed(route):
             hidden_in = stage_inputs[stage]
-            peer, grad_in = await self._backward(stage, index, hidden_in, grad, forward_peers[stage])
+            peer, grad_in = await self._backward(stage, index, hidden_in, grad, kept_by[stage])
             self._sent[stage][index] = SentBackward(peer, hidden_in, grad)
             grad = grad_in
         await self._compute(lambda: embedded.backward(grad.to(self.device)))
         return loss
 
     async def _forward(self, stage: int, microbatch: int, hidden: torch.Tensor,
-                       keep: bool = False) -> tuple[str, torch.Tensor]:
+                       keep: bool = False) -> tuple[str, tuple[torch.Tensor, bool]]:
+        """(peer, (output, whether that peer kept the activations)) of a forward on some peer of the stage."""
         request = ForwardRequest(stage, self.step, microbatch, hidden, keep)
 
-        async def call(peer: str) -> torch.Tensor:
-            output = await self.client.forward(peer, request, self.config.request_timeout)
-            return self._check_reply(output, hidden.shape, "output", stage)
+        async def call(peer: str) -> tuple[torch.Tensor, bool]:
+            reply = await self.client.forward(peer, request, self.config.request_timeout)
+            return self._check_reply(reply.output, hidden.shape, "output", stage), reply.kept
 
         return await self._call(stage, "forward", call)
 
     async def _backward(self, stage: int, microbatch: int, hidden: torch.Tensor, grad_output: torch.Tensor,
-                        forward_peer: str | None = None) -> tuple[str, torch.Tensor]:
-        """The peer that ran this microbatch's forward kept its activations: it gets only the gradient. Any other
-        peer (a retry elsewhere, a replay), or one that no longer has them, gets the input to recompute from."""
+                        kept_by: str | None = None) -> tuple[str, torch.Tensor]:
+        """The peer that kept this microbatch's forward activations gets only the gradient. Any other peer (a retry
+        elsewhere, a replay), or one that has dropped them since, gets the input to recompute from."""
         with_input = BackwardRequest(stage, self.step, microbatch, hidden, grad_output, self.session)
         without_input = BackwardRequest(stage, self.step, microbatch, None, grad_output, self.session)
 
         async def call(peer: str) -> torch.Tensor:
-            if peer == forward_peer:
+            if peer == kept_by:
                 try:
                     grad_input = await self.client.backward(peer, without_input, self.config.request_timeout)
                 except RemoteError as e:

@@ -233,12 +233,26 @@ class ForwardRequest:
 
 
 @dataclass
+class ForwardReply:
+    output: torch.Tensor  # (B, T, C) the stage output
+    kept: bool = False  # the peer kept this forward's activations: the microbatch's backward may leave out the input
+
+    def envelope(self) -> Envelope:
+        return Envelope({"kept": self.kept}, [self.output])
+
+    @classmethod
+    def parse(cls, envelope: Envelope) -> ForwardReply:
+        (output,) = _tensors(envelope, 1, "forward reply")
+        return cls(output, envelope.meta.get("kept") is True)
+
+
+@dataclass
 class BackwardRequest:
     stage: int
     step: int
     microbatch: int
-    # (B, T, C) the input the forward saw, for a peer to recompute from; None: the peer that ran this microbatch's
-    # forward with keep=True uses the activations it kept (and refuses with NO_ACTIVATIONS if it has none).
+    # (B, T, C) the input the forward saw, for a peer to recompute from; None: the peer whose forward reply said
+    # `kept` uses the activations it kept (and refuses with NO_ACTIVATIONS if it has dropped them since).
     hidden: torch.Tensor | None
     grad_output: torch.Tensor  # (B, T, C) gradient of the loss w.r.t. the stage output
     session: str = ""  # the trainer run; gradients a previous trainer left half-accumulated are dropped

@@ -26,6 +26,7 @@ from cfnode.protocol.messages import (
     TRUNCATED,
     BackwardRequest,
     Envelope,
+    ForwardReply,
     ForwardRequest,
     ProtocolError,
     StageRequest,
@@ -67,7 +68,7 @@ class StageBackend(Protocol):
     max_request_bytes: int  # activations and gradients
     max_copy_bytes: int  # a state copy to keep (put_copy)
 
-    async def forward(self, request: ForwardRequest) -> torch.Tensor: ...
+    async def forward(self, request: ForwardRequest) -> ForwardReply: ...
 
     async def backward(self, request: BackwardRequest) -> torch.Tensor: ...
 
@@ -93,8 +94,9 @@ class StageService(ServicerBase):
         async def handle() -> Envelope:
             with collecting({}) as timing:  # the reply says where this call's time went on this side
                 request = ForwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
-                output = await self.backend.forward(request)
-            return Envelope({"timing": _rounded(timing)}, [output])
+                reply = (await self.backend.forward(request)).envelope()
+            reply.meta["timing"] = _rounded(timing)
+            return reply
 
         reply = await _guarded(handle, "forward", requests, self.backend.max_request_bytes)
         for message in to_chunks(reply, Response, self.wire_dtype):
@@ -267,9 +269,9 @@ class StageClient:
         reply = await getattr(self._stub(peer_id), method)(to_message(envelope, Request), timeout=timeout)
         return raise_for_error(from_message(reply))
 
-    async def forward(self, peer_id: str, request: ForwardRequest, timeout: float) -> torch.Tensor:
-        reply = await self._stream("rpc_forward", peer_id, request.envelope(), timeout, self.wire_dtype)
-        return _single_tensor(reply, "forward")
+    async def forward(self, peer_id: str, request: ForwardRequest, timeout: float) -> ForwardReply:
+        return ForwardReply.parse(await self._stream("rpc_forward", peer_id, request.envelope(), timeout,
+                                                     self.wire_dtype))
 
     async def backward(self, peer_id: str, request: BackwardRequest, timeout: float) -> torch.Tensor:
         reply = await self._stream("rpc_backward", peer_id, request.envelope(), timeout, self.wire_dtype)

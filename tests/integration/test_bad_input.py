@@ -57,7 +57,7 @@ async def probe(maddr: str, spec) -> dict[str, str]:
             except RemoteError as e:
                 outcomes[name] = e.code
             # After every bad request the peer still serves a good one.
-            output = await client.forward(peer.peer_id, ForwardRequest(1, 0, 0, hidden(spec)), timeout=30)
+            output = (await client.forward(peer.peer_id, ForwardRequest(1, 0, 0, hidden(spec)), timeout=30)).output
             assert output.shape == (2, spec.seq_len, spec.hidden_size) and torch.isfinite(output).all()
 
         # Garbage on the wire: undecodable metadata, and a step request of the wrong shape.

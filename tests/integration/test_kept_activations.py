@@ -30,9 +30,10 @@ async def exercise(maddr: str, spec) -> dict:
                 return e.code
 
         out = {}
-        kept_output = await client.forward(keeper, ForwardRequest(1, 0, 0, inputs[0], keep=True), timeout=30)
-        plain_output = await client.forward(other, ForwardRequest(1, 0, 0, inputs[0]), timeout=30)
-        out["outputs equal"] = torch.equal(kept_output, plain_output)
+        kept = await client.forward(keeper, ForwardRequest(1, 0, 0, inputs[0], keep=True), timeout=30)
+        plain = await client.forward(other, ForwardRequest(1, 0, 0, inputs[0]), timeout=30)
+        out["outputs equal"] = torch.equal(kept.output, plain.output)
+        out["replies say kept"] = (kept.kept, plain.kept)
         out["kept"] = await backward(keeper, 0, None)  # from the kept graph
         out["recomputed"] = await backward(other, 0, inputs[0])  # another replica recomputes from the input
         out["never forwarded"] = await backward(keeper, 1, None)
@@ -60,6 +61,7 @@ def test_kept_activations_match_recomputation_and_fall_back(swarm):
     swarm.wait_online({1: 2})
     out = asyncio.run(exercise(swarm.maddr, swarm.spec))
     assert out["outputs equal"]
+    assert out["replies say kept"] == (True, False)
     assert isinstance(out["kept"], torch.Tensor) and isinstance(out["recomputed"], torch.Tensor)
     assert torch.allclose(out["kept"], out["recomputed"], atol=1e-6), "kept and recomputed input grads differ"
     assert out["never forwarded"] == NO_ACTIVATIONS

@@ -13,6 +13,7 @@ from cfnode.protocol.messages import (
     MAX_METADATA_BYTES,
     BackwardRequest,
     Envelope,
+    ForwardReply,
     ForwardRequest,
     ProtocolError,
     RemoteError,
@@ -279,6 +280,18 @@ def test_forward_request_round_trip():
     envelope.meta["keep"] = 1
     with pytest.raises(ProtocolError, match="keep"):
         ForwardRequest.parse(envelope)
+
+
+def test_forward_reply_round_trip():
+    output = torch.randn(2, 5, 8)
+    for kept in (False, True):
+        reply = ForwardReply(output, kept)
+        for envelope in (reply.envelope(), over_the_wire(reply.envelope())):
+            parsed = ForwardReply.parse(envelope)
+            assert parsed.kept is kept and torch.equal(parsed.output, output)
+    assert ForwardReply.parse(Envelope({"kept": 1}, [output])).kept is False  # only a true bool says kept
+    with pytest.raises(ProtocolError, match="1 tensor"):
+        ForwardReply.parse(Envelope({}, [output, output]))
 
 
 def test_backward_request_round_trip():
