@@ -452,30 +452,54 @@ def _train(spec: RunSpec, dataset: TextDataset, experts: list[RemoteExpert], bat
             optimizer.zero_grad(set_to_none=True)
             return sum(losses) / len(losses)
 
-        loss = float("nan")
-        for step in range(1, warmup + 1):
-            loss = train_step(step)
+        def done(step: int, loss: float, seconds: float | None) -> None:
             outcome["steps_done"] = step
-            say(f"warm-up step {step}: loss {loss:.4f}")
-        step_times = []
-        for step in range(warmup + 1, warmup + steps + 1):
-            step_started = time.perf_counter()
-            loss = train_step(step)
-            step_times.append(time.perf_counter() - step_started)
-            outcome["steps_done"] = step
-            say(f"step {step}: loss {loss:.4f}, {step_times[-1]:.3f} s")
-        elapsed = sum(step_times)
-        tokens = batch_size * spec.seq_len * steps
-        outcome["result"] = dict(tokens=tokens, time_s=round(elapsed, 4), tokens_per_s=round(tokens / elapsed, 1),
-                                 median_step_s=round(statistics.median(step_times), 4),
-                                 median_tokens_per_s=round(batch_size * spec.seq_len / statistics.median(step_times),
-                                                           1),
-                                 final_loss=round(loss, 5))
+            say(f"step {step}: loss {loss:.4f}" + (f", {seconds:.3f} s" if seconds is not None else " (warm-up)"))
+
+        outcome["result"] = time_steps(train_step, warmup, steps, batch_size * spec.seq_len, done)
     except BaseException as e:  # noqa: B036 -- handed to the calling thread
         outcome["error"] = e
 
 
 # --- command line --------------------------------------------------------------------------------------------------
+
+
+def time_steps(train_step: Callable[[int], float], warmup: int, steps: int, tokens_per_step: int,
+               on_step: Callable[[int, float, float | None], None] | None = None) -> dict[str, Any]:
+    """Run steps 1..warmup untimed, then `steps` timed ones; the figures every throughput run reports.
+    Shared with benchmarks/throughput.py, so (a) and (b) are timed the same way."""
+    loss = float("nan")
+    for step in range(1, warmup + 1):
+        loss = train_step(step)
+        if on_step:
+            on_step(step, loss, None)
+    step_times = []
+    cpu_started = time.process_time()
+    for step in range(warmup + 1, warmup + steps + 1):
+        started = time.perf_counter()
+        loss = train_step(step)
+        step_times.append(time.perf_counter() - started)
+        if on_step:
+            on_step(step, loss, step_times[-1])
+    elapsed, median = sum(step_times), statistics.median(step_times)
+    return dict(tokens=tokens_per_step * steps, time_s=round(elapsed, 4),
+                tokens_per_s=round(tokens_per_step * steps / elapsed, 1), median_step_s=round(median, 4),
+                median_tokens_per_s=round(tokens_per_step / median, 1), final_loss=round(loss, 5),
+                cpu_s_per_step=round((time.process_time() - cpu_started) / steps, 4))
+
+
+def add_model_and_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model shape, batch and step flags, shared with benchmarks/throughput.py so both time the same run."""
+    parser.add_argument("--stages", type=int, default=3, help="body stages (one process each)")
+    parser.add_argument("--layers-per-stage", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--microbatches", type=int, default=4, help="microbatches per step")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
+    parser.add_argument("--seed", type=int, default=0, help="data order (the weights come from the spec's seed 0)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -485,16 +509,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     run = commands.add_parser("run", help="train on a hivemind.moe pipeline and print tokens/s",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    run.add_argument("--stages", type=int, default=3, help="body stages (one expert server process each)")
-    run.add_argument("--layers-per-stage", type=int, default=2)
-    run.add_argument("--hidden-size", type=int, default=128)
-    run.add_argument("--num-heads", type=int, default=4)
-    run.add_argument("--seq-len", type=int, default=128)
-    run.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    run.add_argument("--microbatches", type=int, default=4, help="microbatches per step")
-    run.add_argument("--steps", type=int, default=30, help="timed steps")
-    run.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
-    run.add_argument("--seed", type=int, default=0, help="data order (the weights come from the spec's seed 0)")
+    add_model_and_schedule_arguments(run)
     run.add_argument("--threads", type=int, default=None,
                      help="torch threads in the trainer and in every server (default: torch's own choice)")
     run.add_argument("--sequential", action="store_true", help="one microbatch in flight at a time")

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from moe_pipeline import run_moe_pipeline
+from moe_pipeline import add_model_and_schedule_arguments, run_moe_pipeline, time_steps
 
 from cfnode.bench.cpu import CpuSampler
 from cfnode.config import JoinConfig, NetworkConfig, RunSpec
@@ -76,16 +76,7 @@ DEFAULT_VARIANT = next(name for name, v in VARIANTS.items()
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--stages", type=int, default=3, help="body stages (one process each in (b) and (c))")
-    parser.add_argument("--layers-per-stage", type=int, default=2)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    parser.add_argument("--microbatches", type=int, default=4, help="microbatches per step")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
-    parser.add_argument("--seed", type=int, default=0, help="data order (the weights come from the spec's seed 0)")
+    add_model_and_schedule_arguments(parser)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated swarm variants to run, from: {', '.join(VARIANTS)}")
     parser.add_argument("--no-moe", action="store_true", help="skip (b), the hivemind.moe pipeline")
@@ -139,22 +130,7 @@ def run_in_process(spec: RunSpec, dataset: TextDataset, batch_size: int, microba
             optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses)
 
-    loss = float("nan")
-    for step in range(1, warmup + 1):
-        loss = train_step(step)
-    step_times = []
-    cpu_started = time.process_time()
-    for step in range(warmup + 1, warmup + steps + 1):
-        started = time.perf_counter()
-        loss = train_step(step)
-        step_times.append(time.perf_counter() - started)
-    cpu_per_step = (time.process_time() - cpu_started) / steps
-    elapsed = sum(step_times)
-    tokens = batch_size * spec.seq_len * steps
-    return dict(tokens=tokens, time_s=round(elapsed, 4), tokens_per_s=round(tokens / elapsed, 1),
-                median_step_s=round(statistics.median(step_times), 4),
-                median_tokens_per_s=round(batch_size * spec.seq_len / statistics.median(step_times), 1),
-                final_loss=round(loss, 5), cpu_s_per_step=round(cpu_per_step, 4))
+    return time_steps(train_step, warmup, steps, batch_size * spec.seq_len)
 
 
 # --- (c) the live swarm -----------------------------------------------------------------------------------------

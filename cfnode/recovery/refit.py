@@ -33,9 +33,7 @@ class ActivationCache:
         if self.size == 0:
             return
         pairs = self._pairs.setdefault(stage, deque(maxlen=self.size))
-        # No copy: activations are never changed in place once received or computed (detach() also keeps a later
-        # requires_grad_() on the caller's tensor away from the cached one).
-        pairs.append((inputs.detach().to("cpu"), outputs.detach().to("cpu")))
+        pairs.append((inputs.detach().to("cpu", copy=True), outputs.detach().to("cpu", copy=True)))
 
     def pairs(self, stage: int) -> list[Pair]:
         return list(self._pairs.get(stage, ()))
