@@ -502,6 +502,15 @@ def add_model_and_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="data order (the weights come from the spec's seed 0)")
 
 
+def check_model_and_schedule_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.batch_size < 1 or args.microbatches < 1 or args.batch_size % args.microbatches:
+        parser.error("--batch-size must be a positive multiple of --microbatches")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -534,12 +543,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args = parser.parse_args(argv)
     if args.command == "run":
-        if args.steps < 1 or args.warmup < 0:
-            parser.error("--steps must be >= 1 and --warmup >= 0")
-        if args.batch_size < 1 or args.microbatches < 1 or args.batch_size % args.microbatches:
-            parser.error("--batch-size must be a positive multiple of --microbatches")
-        if args.threads is not None and args.threads < 1:
-            parser.error("--threads must be >= 1")
+        check_model_and_schedule_arguments(parser, args)
         if args.handlers < 1:
             parser.error("--handlers must be >= 1")
     return args

@@ -42,7 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from moe_pipeline import add_model_and_schedule_arguments, run_moe_pipeline, time_steps
+from moe_pipeline import (
+    add_model_and_schedule_arguments,
+    check_model_and_schedule_arguments,
+    run_moe_pipeline,
+    time_steps,
+)
 
 from cfnode.bench.cpu import CpuSampler
 from cfnode.config import JoinConfig, NetworkConfig, RunSpec
@@ -89,12 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", action="store_true", help="keep the swarm's workdir (kept anyway on failure)")
     parser.add_argument("--json-out", type=Path, default=None, help="write all numbers here as JSON")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
-    if args.batch_size < 1 or args.microbatches < 1 or args.batch_size % args.microbatches:
-        parser.error("--batch-size must be a positive multiple of --microbatches")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
+    check_model_and_schedule_arguments(parser, args)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
