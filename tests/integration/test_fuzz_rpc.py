@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from cfnode.protocol.messages import (
     BAD_REQUEST,
     GROUP_FAILED,
+    NO_ACTIVATIONS,
     NOT_READY,
     STALE,
     TRUNCATED,
@@ -38,7 +39,7 @@ from tests.integration.harness import TINY_SPEC, LoopThread, Swarm
 
 SPEC = dataclasses.replace(TINY_SPEC, max_message_mb=0.5)  # an oversized message is cheap to send
 REPLY_TIMEOUT = 20.0
-KNOWN_CODES = {BAD_REQUEST, STALE, NOT_READY, TRUNCATED, GROUP_FAILED}
+KNOWN_CODES = {BAD_REQUEST, STALE, NOT_READY, TRUNCATED, GROUP_FAILED, NO_ACTIVATIONS}
 STREAMING = ("rpc_forward", "rpc_backward", "rpc_put_copy")
 UNARY = ("rpc_step", "rpc_info")
 SERVER_STREAMING = ("rpc_download_state", "rpc_fetch_grads", "rpc_get_copy")
@@ -169,7 +170,15 @@ async def serves_a_correct_forward(p2p: P2P, peer: str) -> torch.Size:
         for chunk in chunks:
             yield chunk
 
-    reply = await asyncio.wait_for(from_chunks(await stub.rpc_forward(stream()), 2**30), REPLY_TIMEOUT)
+    # The p2p daemon now and then drops a whole stream (the reply arrives empty); callers send it again, as the
+    # trainer does (`_retry_cut_streams`). A peer that stopped serving would fail every attempt.
+    for attempt in range(3):
+        try:
+            reply = await asyncio.wait_for(from_chunks(await stub.rpc_forward(stream()), 2**30), REPLY_TIMEOUT)
+            break
+        except TruncatedStream:
+            if attempt == 2:
+                raise
     assert "error" not in reply.meta, reply.meta
     return reply.tensors[0].shape
 
