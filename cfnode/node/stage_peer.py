@@ -42,7 +42,7 @@ from cfnode.protocol.messages import (
 )
 from cfnode.protocol.records import PeerState, StageAnnouncement
 from cfnode.protocol.service import RequestRefused, StageClient
-from cfnode.protocol.timing import add_time
+from cfnode.protocol.timing import add_time, run_timed
 from cfnode.protocol.validation import validate_hidden
 from cfnode.recovery.rebuild import plan_rebuild, rebuild_weights, source_weights
 from cfnode.recovery.refit import refit
@@ -450,7 +450,7 @@ class StagePeer:
         self.load += 1
         try:
             submitted = time.perf_counter()
-            result, started, finished = await self._compute(_run_timed, fn, *args)
+            result, started, finished = await self._compute(run_timed, fn, *args)
             self.throughput.record(tokens, finished - started)
             add_time("queue", started - submitted)
             add_time("compute", finished - started)
@@ -627,12 +627,6 @@ class StagePeer:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
-
-
-def _run_timed(fn: Callable[..., T], *args) -> tuple[T, float, float]:
-    started = time.perf_counter()
-    result = fn(*args)
-    return result, started, time.perf_counter()
 
 
 async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec, client: StageClient) -> int:

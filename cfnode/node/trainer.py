@@ -54,7 +54,7 @@ from cfnode.protocol.messages import (
 )
 from cfnode.protocol.records import TrainerAnnouncement
 from cfnode.protocol.service import RequestRefused, StageClient, TrainerService
-from cfnode.protocol.timing import add_time, collecting
+from cfnode.protocol.timing import add_time, collecting, run_timed
 from cfnode.protocol.validation import validate_hidden
 from cfnode.recovery.refit import ActivationCache
 from cfnode.recovery.schedule import microbatch_routes
@@ -472,7 +472,7 @@ class Trainer:
 
     async def _compute(self, fn: Callable[..., T], *args) -> T:
         submitted = time.perf_counter()
-        result, started, finished = await asyncio.get_running_loop().run_in_executor(self._worker, _run_timed, fn,
+        result, started, finished = await asyncio.get_running_loop().run_in_executor(self._worker, run_timed, fn,
                                                                                      *args)
         add_time("head_queue", started - submitted)
         add_time("head_compute", finished - started)
@@ -497,12 +497,6 @@ class Trainer:
         self.grad_norms[0] = float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-
-def _run_timed(fn: Callable[..., T], *args) -> tuple[T, float, float]:
-    started = time.perf_counter()
-    result = fn(*args)
-    return result, started, time.perf_counter()
 
 
 async def _retry_cut_streams(fn: Callable[[str], Awaitable[T]], peer: str, attempts: int = 3) -> T:

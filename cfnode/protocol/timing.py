@@ -8,9 +8,12 @@ compute, to (de)serialisation and to the wire. Nothing is recorded where no accu
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TypeVar
+
+T = TypeVar("T")
 
 TIMING: ContextVar[dict[str, float] | None] = ContextVar("cfnode_timing", default=None)
 
@@ -38,3 +41,11 @@ def collecting(timing: dict[str, float]) -> Iterator[dict[str, float]]:
         yield timing
     finally:
         TIMING.reset(token)
+
+
+def run_timed(fn: Callable[..., T], *args) -> tuple[T, float, float]:
+    """fn(*args) with when it started and finished: run on a compute worker, so the caller can tell the wait for
+    the worker from the compute itself."""
+    started = time.perf_counter()
+    result = fn(*args)
+    return result, started, time.perf_counter()
