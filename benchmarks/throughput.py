@@ -50,7 +50,7 @@ from moe_pipeline import (
 )
 
 from cfnode.bench.cpu import CpuSampler
-from cfnode.config import JoinConfig, NetworkConfig, RunSpec
+from cfnode.config import JoinConfig, NetworkConfig, RunSpec, TrainConfig
 from cfnode.data import TextDataset, batch_generator, load_corpus
 from cfnode.launcher import LocalSwarm, SwarmLayout
 from cfnode.model import build_body_stage, build_head, count_parameters
@@ -64,18 +64,22 @@ class Variant:
     keep_activations: int  # `cfnode join --keep-activations`
     wire_dtype: str  # RunSpec.wire_dtype
     threads: int | None  # torch threads per process; None: LocalSwarm shares the cores out
+    pipe: bool  # `cfnode train --pipe`: forward and backward calls on one stream per peer
 
 
 CORES = os.cpu_count() or 1
 VARIANTS = {
-    "plain": Variant("recompute in backward, float32 wire, every process on all cores", 0, "float32", CORES),
-    "threads": Variant("+ cores shared out among the processes", 0, "float32", None),
-    "keep": Variant("+ forward activations kept for the backward", 16, "float32", None),
-    "bfloat16": Variant("+ bfloat16 activations and gradients on the wire", 16, "bfloat16", None),
+    "plain": Variant("recompute in backward, float32 wire, every process on all cores, a stream per call",
+                     0, "float32", CORES, False),
+    "threads": Variant("+ cores shared out among the processes", 0, "float32", None, False),
+    "keep": Variant("+ forward activations kept for the backward", 16, "float32", None, False),
+    "bfloat16": Variant("+ bfloat16 activations and gradients on the wire", 16, "bfloat16", None, False),
+    "pipe": Variant("+ forward and backward calls on one stream per peer", 16, "bfloat16", None, True),
 }
 DEFAULT_VARIANT = next(name for name, v in VARIANTS.items()
-                       if (v.keep_activations, v.wire_dtype, v.threads)
-                       == (JoinConfig(NetworkConfig()).keep_activations, RunSpec().wire_dtype, None))
+                       if (v.keep_activations, v.wire_dtype, v.threads, v.pipe)
+                       == (JoinConfig(NetworkConfig()).keep_activations, RunSpec().wire_dtype, None,
+                           TrainConfig(NetworkConfig()).pipe))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--swarm-timeout", type=float, default=600.0,
                         help="seconds after which a swarm run is stopped and counted as failed")
     parser.add_argument("--keep-logs", action="store_true", help="keep the swarm's workdir (kept anyway on failure)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole side-by-side sequence; the summary gives each run's median over rounds "
+                             "(this machine's load varies from minute to minute)")
     parser.add_argument("--json-out", type=Path, default=None, help="write all numbers here as JSON")
     args = parser.parse_args(argv)
     check_model_and_schedule_arguments(parser, args)
@@ -99,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     return args
 
 
@@ -144,7 +153,8 @@ def run_swarm(spec: RunSpec, args: argparse.Namespace, variant: Variant) -> dict
                          batch_size=args.batch_size, microbatches=args.microbatches, workdir=workdir,
                          log_level=args.swarm_log_level, threads=variant.threads,
                          join_args=["--keep-activations", str(variant.keep_activations)],
-                         train_args=["--eval-every", "0", "--seed", str(args.seed), "--stage-timeout", "60"])
+                         train_args=["--eval-every", "0", "--seed", str(args.seed), "--stage-timeout", "60",
+                                     "--pipe" if variant.pipe else "--no-pipe"])
     # A hung swarm must not hang the benchmark: SIGTERM makes LocalSwarm.run stop everything and return 130.
     watchdog = threading.Timer(args.swarm_timeout, os.kill, (os.getpid(), signal.SIGTERM))
     watchdog.daemon = True
@@ -239,19 +249,8 @@ def print_report(report: dict[str, Any]) -> None:
               + ", ".join(f"{kind} {seconds:.3f}" for kind, seconds in split.items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    spec = RunSpec(run_id="bench", num_stages=args.stages, layers_per_stage=args.layers_per_stage,
-                   hidden_size=args.hidden_size, num_heads=args.num_heads, seq_len=args.seq_len)
-    dataset = TextDataset(load_corpus(), spec.seq_len)  # what `cfnode train` loads without --data
-
-    params = {"head (trainer)": count_parameters(build_head(spec))}
-    for s in range(1, spec.num_stages + 1):
-        params[f"stage {s}"] = count_parameters(build_body_stage(spec, s))
-    params["total"] = sum(params.values())
-
+def run_round(args: argparse.Namespace, spec: RunSpec, dataset: TextDataset) -> dict[str, Any]:
+    """(a) first, (b), each (c) variant, (a) last: one side-by-side measurement and its ratios."""
     load_start = os.getloadavg()[0]
     in_process_args = (spec, dataset, args.batch_size, args.microbatches, args.steps, args.warmup, args.seed)
     print(f"(a) in-process, first (torch threads {torch.get_num_threads()})", flush=True)
@@ -281,26 +280,85 @@ def main(argv: list[str] | None = None) -> int:
               for name, r in swarm.items() if r.get("ok")}
     if moe_rate:
         ratios["moe"] = dict(over_in_process=round(moe_rate / mean, 4))
-    report = dict(
+    return dict(load_avg_start=load_start, load_avg_end=os.getloadavg()[0], in_process_before=before,
+                in_process_after=after, in_process_mean_tokens_per_s=round(mean, 1), moe=moe, swarm=swarm,
+                ratios=ratios)
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per run: the median over rounds of its tokens/s and of its ratios (each round's ratios are side by side)."""
+    summary: dict[str, dict[str, float]] = {}
+    runs = {"in_process": [r["in_process_mean_tokens_per_s"] for r in rounds],
+            "moe": [r["moe"]["tokens_per_s"] for r in rounds if r["moe"] and r["moe"].get("ok")]}
+    for name in rounds[0]["swarm"]:
+        runs[name] = [r["swarm"][name]["tokens_per_s"] for r in rounds if r["swarm"][name].get("ok")]
+    for name, rates in runs.items():
+        if not rates:
+            continue
+        entry = dict(tokens_per_s=round(statistics.median(rates), 1), rounds=len(rates))
+        for kind in ("over_in_process", "over_moe"):
+            values = [r["ratios"][name][kind] for r in rounds if r["ratios"].get(name, {}).get(kind)]
+            if values:
+                entry[kind] = round(statistics.median(values), 4)
+                entry[f"{kind}_min"], entry[f"{kind}_max"] = min(values), max(values)
+        summary[name] = entry
+    return summary
+
+
+def print_summary(summary: dict[str, dict[str, float]], rounds: int) -> None:
+    print(f"\nmedian over {rounds} rounds (min..max of the rounds' ratios)")
+    print(f"{'run':<22} {'tokens/s':>10} {'(c)/(a)':>20} {'(c)/(b)':>20}")
+    for name, entry in summary.items():
+        label = {"in_process": "(a) in-process", "moe": "(b) hivemind.moe"}.get(name, f"(c) {name}")
+        cells = []
+        for kind in ("over_in_process", "over_moe"):
+            cells.append(f"{entry[kind]:.3f} ({entry[f'{kind}_min']:.3f}..{entry[f'{kind}_max']:.3f})"
+                         if kind in entry else "")
+        print(f"{label:<22} {entry['tokens_per_s']:>10,.0f} {cells[0]:>20} {cells[1]:>20}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    spec = RunSpec(run_id="bench", num_stages=args.stages, layers_per_stage=args.layers_per_stage,
+                   hidden_size=args.hidden_size, num_heads=args.num_heads, seq_len=args.seq_len)
+    dataset = TextDataset(load_corpus(), spec.seq_len)  # what `cfnode train` loads without --data
+
+    params = {"head (trainer)": count_parameters(build_head(spec))}
+    for s in range(1, spec.num_stages + 1):
+        params[f"stage {s}"] = count_parameters(build_body_stage(spec, s))
+    params["total"] = sum(params.values())
+    shared = dict(
         config=dict(stages=args.stages, layers_per_stage=args.layers_per_stage, hidden_size=args.hidden_size,
                     num_heads=args.num_heads, seq_len=args.seq_len, batch_size=args.batch_size,
                     microbatches=args.microbatches, steps=args.steps, warmup=args.warmup, seed=args.seed,
-                    threads=args.threads, variants=args.variants),
+                    threads=args.threads, variants=args.variants, rounds=args.rounds),
         variants={name: asdict(VARIANTS[name]) for name in args.variants}, default_variant=DEFAULT_VARIANT,
         torch_version=torch.__version__, python=platform.python_version(), torch_threads=torch.get_num_threads(),
-        cpu_count=CORES, load_avg_start=load_start, load_avg_end=os.getloadavg()[0],
-        parameters=params, in_process_before=before, in_process_after=after,
-        in_process_mean_tokens_per_s=round(mean, 1), moe=moe, swarm=swarm, ratios=ratios,
+        cpu_count=CORES, parameters=params,
     )
-    print_report(report)
-    if DEFAULT_VARIANT in ratios:
-        r = ratios[DEFAULT_VARIANT]
-        print(f"\ncfnode out of the box ({DEFAULT_VARIANT}): (c)/(a) = {r['over_in_process']:.3f}"
-              + (f", (c)/(b) = {r['over_moe']:.3f}" if r.get("over_moe") else ""))
+    rounds = []
+    for number in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"--- round {number} of {args.rounds}", flush=True)
+        rounds.append(run_round(args, spec, dataset))
+        print_report({**shared, **rounds[-1]})
+    summary = summarize(rounds)
+    if args.rounds > 1:
+        print_summary(summary, args.rounds)
+    ok = all(r.get("ok") for one in rounds for r in one["swarm"].values()) \
+        and all(one["moe"] is None or one["moe"].get("ok") for one in rounds)
+    default = summary.get(DEFAULT_VARIANT, {})
+    if "over_in_process" in default:
+        print(f"\ncfnode out of the box ({DEFAULT_VARIANT}): (c)/(a) = {default['over_in_process']:.3f}"
+              + (f", (c)/(b) = {default['over_moe']:.3f}" if "over_moe" in default else "")
+              + (f" (medians over {args.rounds} rounds)" if args.rounds > 1 else ""))
     if args.json_out:
+        report = {**shared, "rounds": rounds, "summary": summary}
         args.json_out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json_out}")
-    return 0 if all(r.get("ok") for r in swarm.values()) and (moe is None or moe.get("ok")) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

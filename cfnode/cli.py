@@ -225,11 +225,14 @@ def _check_device(device: str) -> None:
                    "is newer.")
 @click.option("--state-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Save the --state file every N steps (and on exit).")
+@click.option("--pipe/--no-pipe", default=True, show_default=True,
+              help="Send forward and backward calls on one long-lived stream per peer, instead of a stream per "
+                   "call (which costs the p2p daemons and both event loops about twice the CPU per call).")
 @threads_option
 def train(steps: int, data_path: str | None, batch_size: int, microbatches: int, log_jsonl: str | None,
           eval_every: int, request_timeout: float, stage_timeout: float, ban_seconds: float, device: str, seed: int,
-          client_mode: bool, metrics_port: int | None, state_path: str | None, state_every: int, threads: int | None,
-          **kw: Any) -> None:
+          client_mode: bool, metrics_port: int | None, state_path: str | None, state_every: int, pipe: bool,
+          threads: int | None, **kw: Any) -> None:
     """Train N steps through the swarm's stages."""
     from cfnode.node.runtime import run_role
     from cfnode.node.trainer import run_train
@@ -239,7 +242,7 @@ def train(steps: int, data_path: str | None, batch_size: int, microbatches: int,
         network=_network(kw, client_mode=client_mode), steps=steps, data_path=data_path, batch_size=batch_size,
         microbatches=microbatches, log_jsonl=log_jsonl, eval_every=eval_every, request_timeout=request_timeout,
         stage_timeout=stage_timeout, ban_seconds=ban_seconds, device=device, seed=seed, metrics_port=metrics_port,
-        state_path=state_path, state_every=state_every,
+        state_path=state_path, state_every=state_every, pipe=pipe,
     ))
     _set_threads(threads)
     summary = _run("train", lambda: run_role(lambda: run_train(config)))

@@ -215,6 +215,7 @@ class TrainConfig:
     metrics_port: int | None = None  # serve Prometheus metrics at http://<host>:<port>/metrics
     state_path: str | None = None  # the trainer's own saved embedding and head, to resume from after a restart
     state_every: int = 10  # save it every N steps (and on exit)
+    pipe: bool = True  # forward and backward calls on one long-lived stream per peer (protocol/pipe.py)
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -54,7 +54,7 @@ from cfnode.protocol.messages import (
 )
 from cfnode.protocol.records import TrainerAnnouncement
 from cfnode.protocol.service import RequestRefused, StageClient, TrainerService
-from cfnode.protocol.timing import add_time, collecting, run_timed
+from cfnode.protocol.timing import add_time, collecting, run_timed, timed
 from cfnode.protocol.validation import validate_hidden
 from cfnode.recovery.refit import ActivationCache
 from cfnode.recovery.schedule import microbatch_routes
@@ -89,7 +89,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
                                            betas=(0.9, 0.95))
         self.router = Router(dht, spec, config.ban_seconds)
-        self.client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype)
+        self.client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype, pipe=config.pipe)
         self.p2p_peer_id = p2p.peer_id.to_base58()
         self.events = EventLog(config.log_jsonl)
         self.metrics = TrainerMetrics()
@@ -152,6 +152,7 @@ class Trainer:
                     await self._save_own_state()
                 except Exception as e:
                     logger.warning(f"could not save the trainer state to {self.config.state_path}: {e}")
+            await self.client.close()
             self.events.close()
             self._worker.shutdown(wait=False, cancel_futures=True)
 
@@ -167,7 +168,8 @@ class Trainer:
         # Applying the step runs to its end even if this trainer is stopped meanwhile (SIGTERM), so the stages,
         # the head and the step count never disagree in what it leaves behind.
         self._stepping = asyncio.ensure_future(self._apply_step())
-        await asyncio.shield(self._stepping)
+        with timed("apply_step"):
+            await asyncio.shield(self._stepping)
         with collecting({}):  # housekeeping, not the step's own calls: left out of its time_split
             if self.spec.head_copy_every and self.step % self.spec.head_copy_every == 0:
                 await self._copy_head_to_edges()
@@ -524,7 +526,7 @@ def time_split(timing: dict[str, float]) -> dict[str, float]:
                  stage_queue=timing.get("stage_queue", 0.0),
                  serialization=local_side + timing.get("stage_decode", 0.0),
                  transfer=max(0.0, timing.get("call", 0.0) - stage_side - local_side),
-                 calls=timing.get("call", 0.0))
+                 calls=timing.get("call", 0.0), apply_step=timing.get("apply_step", 0.0))
     return {kind: round(seconds, 4) for kind, seconds in split.items()}
 
 

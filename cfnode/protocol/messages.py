@@ -109,15 +109,33 @@ def to_chunks(envelope: Envelope, message_type: type[Message], wire: torch.dtype
         yield message_type(metadata=pack_meta(envelope.meta))
 
 
-def to_message(envelope: Envelope, message_type: type[Message]) -> Message:
-    """Encode a small envelope as one unary message."""
-    return message_type(tensors=[serialize_torch_tensor(t.detach()) for t in envelope.tensors],
-                        metadata=pack_meta(envelope.meta))
+def to_message(envelope: Envelope, message_type: type[Message], wire: torch.dtype | None = None) -> Message:
+    """Encode an envelope as one message (a unary call, or one call on a pipe). `wire` as in `to_chunks`."""
+    with timed("encode"):
+        tensors = []
+        for tensor in envelope.tensors:
+            tensor = tensor.detach()
+            if wire is not None and tensor.is_floating_point() and tensor.dtype != wire:
+                tensor = tensor.to(wire)
+            tensors.append(serialize_torch_tensor(tensor))
+        return message_type(tensors=tensors, metadata=pack_meta(envelope.meta))
 
 
 def from_message(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> Envelope:
     meta = unpack_meta(message.metadata)
     return Envelope(meta, [_deserialize(t) for t in message.tensors])
+
+
+def decode_tensors(parts: Iterable[runtime_pb2.Tensor], max_bytes: int) -> list[torch.Tensor]:
+    """The whole tensors of one message, refused before decoding if their payload passes max_bytes."""
+    parts = list(parts)
+    total = sum(len(part.buffer) for part in parts)
+    if total > max_bytes:
+        raise ProtocolError(f"payload of {total} bytes exceeds the limit of {max_bytes} bytes")
+    if any(part.chunks > 1 for part in parts):
+        raise ProtocolError("a single message must hold whole tensors, not chunks")
+    with timed("decode"):
+        return [_deserialize(part) for part in parts]
 
 
 async def from_chunks(stream: AsyncIterator[Message], max_bytes: int) -> Envelope:

@@ -8,6 +8,7 @@ request never reaches compute and never takes the peer down.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 # hivemind recognises streaming RPCs by typing.AsyncIterator annotations, not collections.abc ones.
 from typing import AsyncIterator, Protocol  # noqa: UP035
@@ -34,14 +35,17 @@ from cfnode.protocol.messages import (
     StepReply,
     StepRequest,
     TruncatedStream,
+    decode_tensors,
     error_envelope,
     from_chunks,
     from_message,
     raise_for_error,
     to_chunks,
     to_message,
+    unpack_meta,
     wire_dtype,
 )
+from cfnode.protocol.pipe import PIPE_METHODS, Pipe
 from cfnode.protocol.timing import add_time, collecting, timed
 
 logger = get_logger(__name__)
@@ -92,11 +96,7 @@ class StageService(ServicerBase):
 
     async def rpc_forward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def handle() -> Envelope:
-            with collecting({}) as timing:  # the reply says where this call's time went on this side
-                request = ForwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
-                reply = (await self.backend.forward(request)).envelope()
-            reply.meta["timing"] = _rounded(timing)
-            return reply
+            return await self._serve("forward", lambda: from_chunks(requests, self.backend.max_request_bytes))
 
         reply = await _guarded(handle, "forward", requests, self.backend.max_request_bytes)
         for message in to_chunks(reply, Response, self.wire_dtype):
@@ -104,14 +104,76 @@ class StageService(ServicerBase):
 
     async def rpc_backward(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
         async def handle() -> Envelope:
-            with collecting({}) as timing:
-                request = BackwardRequest.parse(await from_chunks(requests, self.backend.max_request_bytes))
-                grad_input = await self.backend.backward(request)
-            return Envelope({"timing": _rounded(timing)}, [grad_input])
+            return await self._serve("backward", lambda: from_chunks(requests, self.backend.max_request_bytes))
 
         reply = await _guarded(handle, "backward", requests, self.backend.max_request_bytes)
         for message in to_chunks(reply, Response, self.wire_dtype):
             yield message
+
+    async def rpc_pipe(self, requests: AsyncIterator[Request], context: P2PContext) -> AsyncIterator[Response]:
+        """Many forward and backward calls on one stream (see pipe.py): each request is one whole call whose
+        metadata adds a `call` number and a `method`; the calls run concurrently and each reply repeats its call
+        number. A call refused gets its own error reply; the stream stays open for the others."""
+        replies: asyncio.Queue[Envelope | None] = asyncio.Queue()
+        calls: set[asyncio.Task] = set()
+
+        async def serve(message: Request) -> None:
+            replies.put_nowait(await self._pipe_call(message))
+
+        async def read() -> None:
+            try:
+                async for message in requests:
+                    task = asyncio.create_task(serve(message))
+                    calls.add(task)
+                    task.add_done_callback(calls.discard)
+                while calls:  # the caller has said all it will: answer what is in flight, then end
+                    await asyncio.wait(set(calls))
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield to_message(reply, Response, self.wire_dtype)
+        finally:  # the caller went away or the stream broke: nobody is left to answer
+            reader.cancel()
+            for task in list(calls):
+                task.cancel()
+
+    async def _pipe_call(self, message: Request) -> Envelope:
+        number = None
+
+        async def handle() -> Envelope:
+            nonlocal number
+            meta = unpack_meta(message.metadata)
+            number = meta.get("call")
+            if not isinstance(number, int) or isinstance(number, bool):
+                number = None
+                raise ProtocolError("a call on a pipe needs an integer `call` number")
+            method = meta.get("method")
+            if method not in PIPE_METHODS:
+                raise ProtocolError(f"unknown pipe method {method!r}, expected one of {PIPE_METHODS}")
+
+            async def decode() -> Envelope:
+                return Envelope(meta, decode_tensors(message.tensors, self.backend.max_request_bytes))
+
+            return await self._serve(method, decode)
+
+        reply = await _reply_or_error(handle, "pipe call")
+        if number is not None:
+            reply.meta["call"] = number
+        return reply
+
+    async def _serve(self, method: str, decode: Callable[[], Awaitable[Envelope]]) -> Envelope:
+        """Decode and run one forward or backward; the reply says where the call's time went on this side."""
+        with collecting({}) as timing:
+            envelope = await decode()
+            if method == "forward":
+                reply = (await self.backend.forward(ForwardRequest.parse(envelope))).envelope()
+            else:
+                reply = Envelope({}, [await self.backend.backward(BackwardRequest.parse(envelope))])
+        reply.meta["timing"] = _rounded(timing)
+        return reply
 
     async def rpc_step(self, request: Request, context: P2PContext) -> Response:
         async def handle() -> Envelope:
@@ -225,15 +287,46 @@ async def _reply_or_error(handle, name: str) -> Envelope:
 
 
 class StageClient:
-    """Calls a stage peer's RPCs. Every call has a deadline; failures raise RemoteError or the transport's error."""
+    """Calls a stage peer's RPCs. Every call has a deadline; failures raise RemoteError or the transport's error.
 
-    def __init__(self, p2p: P2P, max_reply_bytes: int, wire_dtype_name: str = "float32"):
+    Forward and backward calls travel on one pipe per peer (`pipe.py`); with `pipe=False`, each on its own stream.
+    """
+
+    def __init__(self, p2p: P2P, max_reply_bytes: int, wire_dtype_name: str = "float32", pipe: bool = True):
         self.p2p = p2p
         self.max_reply_bytes = max_reply_bytes
         self.wire_dtype = wire_dtype(wire_dtype_name)  # of the activations and gradients this client sends
+        self.pipe = pipe
+        self._pipes: dict[str, Pipe] = {}
+
+    async def close(self) -> None:
+        pipes, self._pipes = self._pipes, {}
+        await asyncio.gather(*[pipe.close() for pipe in pipes.values()])
 
     def _stub(self, peer_id: str, service: type[ServicerBase] = StageService):
         return service.get_stub(self.p2p, PeerID.from_base58(peer_id))
+
+    async def _compute_call(self, method: str, peer_id: str, envelope: Envelope, timeout: float) -> Envelope:
+        """A forward or backward, on the peer's pipe or on a stream of its own."""
+        with timed("call"):
+            if self.pipe:
+                pipe = self._pipes.get(peer_id)
+                if pipe is None:
+                    handle_name = StageService._get_handle_name(None, "rpc_pipe")
+                    pipe = self._pipes[peer_id] = Pipe(self.p2p, peer_id, handle_name, self.max_reply_bytes)
+                try:
+                    reply = await asyncio.wait_for(pipe.call(method, envelope, self.wire_dtype), timeout)
+                except asyncio.TimeoutError:
+                    pipe.reset(f"a {method} got no reply in {timeout:.0f} s")
+                    raise
+            else:
+                reply = await self._stream(f"rpc_{method}", peer_id, envelope, timeout, self.wire_dtype)
+        remote = reply.meta.get("timing")
+        if isinstance(remote, dict):  # the peer's own account of the call; informative only, never trusted
+            for kind, seconds in remote.items():
+                if kind in REMOTE_TIMES and isinstance(seconds, (int, float)) and 0 <= seconds < timeout:
+                    add_time(f"stage_{kind}", float(seconds))
+        return reply
 
     async def _stream(self, method: str, peer_id: str, envelope: Envelope, timeout: float,
                       wire: torch.dtype | None = None) -> Envelope:
@@ -248,14 +341,7 @@ class StageClient:
             replies = await getattr(stub, method)(requests())
             return raise_for_error(await from_chunks(replies, self.max_reply_bytes))
 
-        with timed("call"):
-            reply = await asyncio.wait_for(call(), timeout)
-        remote = reply.meta.get("timing")
-        if isinstance(remote, dict):  # the peer's own account of the call; informative only, never trusted
-            for kind, seconds in remote.items():
-                if kind in REMOTE_TIMES and isinstance(seconds, (int, float)) and 0 <= seconds < timeout:
-                    add_time(f"stage_{kind}", float(seconds))
-        return reply
+        return await asyncio.wait_for(call(), timeout)
 
     async def _server_stream(self, method: str, peer_id: str, envelope: Envelope, timeout: float,
                              service: type[ServicerBase] = StageService) -> Envelope:
@@ -270,11 +356,10 @@ class StageClient:
         return raise_for_error(from_message(reply))
 
     async def forward(self, peer_id: str, request: ForwardRequest, timeout: float) -> ForwardReply:
-        return ForwardReply.parse(await self._stream("rpc_forward", peer_id, request.envelope(), timeout,
-                                                     self.wire_dtype))
+        return ForwardReply.parse(await self._compute_call("forward", peer_id, request.envelope(), timeout))
 
     async def backward(self, peer_id: str, request: BackwardRequest, timeout: float) -> torch.Tensor:
-        reply = await self._stream("rpc_backward", peer_id, request.envelope(), timeout, self.wire_dtype)
+        reply = await self._compute_call("backward", peer_id, request.envelope(), timeout)
         return _single_tensor(reply, "backward")
 
     async def step(self, peer_id: str, request: StepRequest, timeout: float) -> StepReply:
