@@ -224,3 +224,76 @@ def test_hostile_messages_get_error_replies_and_the_peer_keeps_serving(live_peer
     # Most hostile requests must have been refused as bad requests, not, say, answered as if they were fine.
     if method != "rpc_info":
         assert sum(n for outcome, n in outcomes.items() if outcome != "ok") > outcomes.get("ok", 0), outcomes
+
+
+# --- the pipe: many calls on one stream ----------------------------------------------------------------------------
+
+
+@st.composite
+def pipe_requests(draw) -> list[runtime_pb2.ExpertRequest]:
+    """Whole-call messages as on a pipe: hostile bodies, some tagged with a call number and a method, some not."""
+    messages = []
+    for number, message in enumerate(draw(requests)):
+        try:
+            meta = msgpack.unpackb(message.metadata)
+        except Exception:
+            meta = None
+        if isinstance(meta, dict) and draw(st.booleans()):
+            meta["call"] = draw(st.one_of(st.just(number), values))
+            meta["method"] = draw(st.sampled_from(["forward", "backward", "step", "", None]))
+            message = runtime_pb2.ExpertRequest(tensors=message.tensors, metadata=msgpack.packb(meta))
+        messages.append(message)
+    return messages
+
+
+async def pipe_replies(p2p: P2P, peer: str, messages: list[runtime_pb2.ExpertRequest]) -> list[dict]:
+    """Send the messages on one pipe and read every reply until the peer ends it."""
+    stub = StageService.get_stub(p2p, PeerID.from_base58(peer))
+
+    async def stream() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        for message in messages:
+            yield message
+
+    async def read() -> list[dict]:
+        return [from_message(reply).meta async for reply in await stub.rpc_pipe(stream())]
+
+    return await asyncio.wait_for(read(), REPLY_TIMEOUT)
+
+
+def test_hostile_pipe_calls_get_their_own_error_replies(live_peer):
+    client, peer, child = live_peer
+    before = rss_bytes(child.process.pid)
+    outcomes: dict[str, int] = {}
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                     HealthCheck.data_too_large])
+    @given(messages=pipe_requests())
+    def check(messages):
+        replies = client.run(pipe_replies(client.p2p, peer, messages))
+        assert len(replies) == len(messages), "every message on a pipe gets exactly one reply"
+        numbers = [reply.get("call") for reply in replies]
+        for reply in replies:
+            error = reply.get("error")
+            if error is None:
+                assert isinstance(reply.get("call"), int), "a reply that is not an error answers a call"
+                outcomes["ok"] = outcomes.get("ok", 0) + 1
+            else:
+                assert isinstance(error, dict) and error.get("code") in KNOWN_CODES, f"unexpected error {error}"
+                outcomes[error["code"]] = outcomes.get(error["code"], 0) + 1
+        tagged = [msgpack.unpackb(m.metadata).get("call") for m in messages if _is_map(m.metadata)]
+        assert all(n is None or n in tagged for n in numbers), "a reply names a call that was never made"
+        assert client.run(serves_a_correct_forward(client.p2p, peer)) == (2, SPEC.seq_len, SPEC.hidden_size)
+
+    check()
+    assert child.process.poll() is None, "the peer died"
+    growth = rss_bytes(child.process.pid) - before
+    assert growth < 128 * 2**20, f"the peer's memory grew by {growth / 2**20:.0f} MiB"
+    assert sum(n for outcome, n in outcomes.items() if outcome != "ok") > outcomes.get("ok", 0), outcomes
+
+
+def _is_map(raw: bytes) -> bool:
+    try:
+        return isinstance(msgpack.unpackb(raw), dict)
+    except Exception:
+        return False
