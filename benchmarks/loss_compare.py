@@ -2,12 +2,12 @@
 
 For each data seed it runs the demo swarm (LocalSwarm: bootstrap, one `cfnode join` per stage, `cfnode train`)
 once per variant of benchmarks/throughput.py (default: `plain`, which recomputes and sends float32, against
-`bfloat16`, every lever on), with the same spec, weights, batches and steps, and compares the validation loss at
+cfnode's defaults, every lever on), with the same spec, weights, batches and steps, and compares the validation loss at
 every evaluation. The spread between seeds of the plain variant is the noise the difference is measured against.
 
     python benchmarks/loss_compare.py --out-dir /tmp/loss-compare     # 2 seeds x 2 variants x 200 steps
-    python benchmarks/plot_loss.py /tmp/loss-compare/seed0-plain.jsonl /tmp/loss-compare/seed0-bfloat16.jsonl \
-        --label plain --label bfloat16 --out docs/loss-fast-path.png
+    python benchmarks/plot_loss.py /tmp/loss-compare/seed0-plain.jsonl /tmp/loss-compare/seed0-pipe.jsonl \
+        --label plain --label pipe --out docs/loss-fast-path.png
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from throughput import VARIANTS, Variant
+from throughput import DEFAULT_VARIANT, VARIANTS, Variant
 
 from cfnode.config import RunSpec
 from cfnode.launcher import LocalSwarm, SwarmLayout
@@ -31,7 +31,8 @@ def run(spec: RunSpec, variant: Variant, seed: int, steps: int, eval_every: int,
     layout = SwarmLayout(spec=spec.replace(wire_dtype=variant.wire_dtype), steps=steps, log_jsonl=str(log_jsonl),
                          workdir=workdir, log_level="warning", threads=variant.threads,
                          join_args=["--keep-activations", str(variant.keep_activations)],
-                         train_args=["--eval-every", str(eval_every), "--seed", str(seed)])
+                         train_args=["--eval-every", str(eval_every), "--seed", str(seed),
+                                     "--pipe" if variant.pipe else "--no-pipe"])
     code = LocalSwarm(layout).run()
     events = [json.loads(line) for line in log_jsonl.read_text().splitlines() if line.strip()]
     steps_logged = [e for e in events if e["event"] == "step"]
@@ -42,7 +43,7 @@ def run(spec: RunSpec, variant: Variant, seed: int, steps: int, eval_every: int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="plain,bfloat16", help=f"from: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=f"plain,{DEFAULT_VARIANT}", help=f"from: {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", default="0,1", help="data seeds (the weights come from the spec's seed)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=20)

@@ -519,7 +519,8 @@ def time_split(timing: dict[str, float]) -> dict[str, float]:
     """A step's call time by where it went, in seconds summed over all calls (concurrent calls overlap, so the
     sum exceeds the step's wall time): compute at the stages and at the trainer's head, the wait for a stage's
     compute worker, (de)serialisation on both sides, and the rest of each call's round trip: the transfer
-    (both p2p daemons, the network, the reply's encoding at the stage and each side's event loop)."""
+    (both p2p daemons, the network, the reply's encoding at the stage and each side's event loop). Then, in wall
+    time, `apply_step`: applying the step at every stage and the head, when no microbatch is in flight."""
     stage_side = sum(timing.get(f"stage_{kind}", 0.0) for kind in ("decode", "queue", "compute"))
     local_side = timing.get("encode", 0.0) + timing.get("decode", 0.0)
     split = dict(stage_compute=timing.get("stage_compute", 0.0), head_compute=timing.get("head_compute", 0.0),

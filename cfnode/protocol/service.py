@@ -50,6 +50,9 @@ from cfnode.protocol.timing import add_time, collecting, timed
 
 logger = get_logger(__name__)
 
+# Calls a pipe holds at once; more wait in the stream. One compute worker runs them one by one anyway, so this only
+# bounds the memory a caller can pin with calls it sends faster than the peer computes.
+MAX_PIPE_CALLS = 64
 MAX_STATE_BYTES = 2**36  # weights and optimiser state of a stage; bounded by memory, not by policy
 
 Request = runtime_pb2.ExpertRequest
@@ -116,6 +119,9 @@ class StageService(ServicerBase):
         number. A call refused gets its own error reply; the stream stays open for the others."""
         replies: asyncio.Queue[Envelope | None] = asyncio.Queue()
         calls: set[asyncio.Task] = set()
+        # Calls in flight or waiting to be sent back. At the limit the peer stops reading, so a caller that sends
+        # without end is slowed down by the stream, not answered by a pile of tasks and tensors.
+        slots = asyncio.Semaphore(MAX_PIPE_CALLS)
 
         async def serve(message: Request) -> None:
             replies.put_nowait(await self._pipe_call(message))
@@ -123,6 +129,7 @@ class StageService(ServicerBase):
         async def read() -> None:
             try:
                 async for message in requests:
+                    await slots.acquire()
                     task = asyncio.create_task(serve(message))
                     calls.add(task)
                     task.add_done_callback(calls.discard)
@@ -135,6 +142,7 @@ class StageService(ServicerBase):
         try:
             while (reply := await replies.get()) is not None:
                 yield to_message(reply, Response, self.wire_dtype)
+                slots.release()
         finally:  # the caller went away or the stream broke: nobody is left to answer
             reader.cancel()
             for task in list(calls):

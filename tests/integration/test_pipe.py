@@ -23,7 +23,7 @@ from cfnode.protocol.messages import (
     TruncatedStream,
 )
 from cfnode.protocol.pipe import Pipe
-from cfnode.protocol.service import StageClient, StageService
+from cfnode.protocol.service import MAX_PIPE_CALLS, StageClient, StageService
 from tests.integration.harness import network, wait_until
 
 
@@ -43,6 +43,10 @@ async def exercise(maddr: str, spec) -> dict:
         alone = [await streamed.forward(peer, ForwardRequest(1, 0, mb, x), 30) for mb, x in enumerate(inputs)]
         out["forwards match"] = all(torch.equal(p.output, s.output) for p, s in zip(replies, alone))
         out["one stream"] = len(piped._pipes) == 1
+        # More calls than a pipe runs at once (MAX_PIPE_CALLS): the rest wait in the stream, and all are answered.
+        many = await asyncio.gather(*[piped.forward(peer, ForwardRequest(1, 0, mb, inputs[mb % 6]), 60)
+                                      for mb in range(3 * MAX_PIPE_CALLS)])
+        out["past the limit"] = all(torch.equal(r.output, alone[mb % 6].output) for mb, r in enumerate(many))
 
         # A refused call among good ones: only it fails.
         wrong = torch.randn(2, spec.seq_len, spec.hidden_size + 1)
@@ -91,6 +95,7 @@ def test_pipe_calls_run_concurrently_and_fail_alone(swarm):
     out = asyncio.run(exercise(swarm.maddr, swarm.spec))
     assert out["forwards match"]
     assert out["one stream"]
+    assert out["past the limit"]
     assert out["refused alone"] == ["Tensor", BAD_REQUEST, "Tensor"]
     assert out["backward matches"]
     assert out["call after it"] in ("answered", "ProtocolError", "TruncatedStream")

@@ -28,9 +28,9 @@ def test_time_is_recorded_only_inside_a_collecting_block():
 
 def test_time_split_subtracts_both_sides_from_the_round_trip():
     split = time_split({"call": 1.0, "encode": 0.1, "decode": 0.05, "stage_decode": 0.05, "stage_queue": 0.2,
-                        "stage_compute": 0.4, "head_compute": 0.3})
+                        "stage_compute": 0.4, "head_compute": 0.3, "apply_step": 0.25})
     assert split == {"stage_compute": 0.4, "head_compute": 0.3, "stage_queue": 0.2, "serialization": 0.2,
-                     "transfer": pytest.approx(0.2), "calls": 1.0}
+                     "transfer": pytest.approx(0.2), "calls": 1.0, "apply_step": 0.25}
     assert time_split({})["transfer"] == 0.0  # no calls: nothing, never negative
 
 
