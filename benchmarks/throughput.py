@@ -11,15 +11,19 @@ All three train the same RunSpec (same weights: every part derives from spec.see
       RemoteExperts chained with autograd from this process, all microbatches of a step in flight at once.
   (c) cfnode swarm, once per --variants entry: LocalSwarm (bootstrap + one `cfnode join` per stage + `cfnode
       train`, each its own process); the trainer's JSONL `step` events, the first W dropped; tokens/s =
-      sum(tokens) / sum(step_time). The variants switch the levers one at a time (see VARIANTS); `default` is what
-      cfnode does out of the box.
+      sum(tokens) / sum(step_time). The variants switch the levers one at a time (see VARIANTS); DEFAULT_VARIANT
+      is the one that matches cfnode's defaults.
+
+With --rounds N the whole sequence, (a) first to (a) last, runs N times; each round's ratios use its own (a) and
+(b), and a summary gives each run's median over the rounds (this machine's load moves single runs by 10% and more).
 
 For each swarm run it also reports where the time goes: the CPU seconds per step of each kind of process (sampled
 from /proc: trainer, stages, p2p daemons, DHT processes) against the cores' capacity, and the trainer's
-`time_split` (compute at the stages and the head, (de)serialisation, transfer, waits for a busy stage).
+`time_split` (compute at the stages and the head, (de)serialisation, transfer, waits for a busy stage, and the
+wall time of applying the step).
 
     python benchmarks/throughput.py                    # demo model: 3 stages x 2 layers, hidden 128
-    python benchmarks/throughput.py --json-out bench.json
+    python benchmarks/throughput.py --rounds 3 --json-out bench.json
     python benchmarks/throughput.py --stages 2 --layers-per-stage 4 --hidden-size 1024 --num-heads 16 \
         --batch-size 4 --microbatches 2 --steps 6 --warmup 2             # stages of about 50M parameters
 """
