@@ -60,8 +60,8 @@ async def exercise(maddr: str, spec) -> dict:
         out["backward matches"] = torch.allclose(results[0], recomputed, atol=1e-6) \
             if isinstance(results[0], torch.Tensor) else False
 
-        # A message the peer cannot attribute to a call ends the pipe: the calls in flight fail, the next call opens
-        # a new pipe and works.
+        # A message the peer cannot attribute to a call gets an error reply without a call number, and the caller
+        # drops that pipe: its calls in flight fail, and the next call opens a new pipe and works.
         pipe = piped._pipes[peer]
         async with pipe._lock:
             await P2P.send_protobuf(runtime_pb2.ExpertRequest(metadata=msgpack.packb({"method": "forward"})),
