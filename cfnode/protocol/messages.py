@@ -97,11 +97,8 @@ def to_chunks(envelope: Envelope, message_type: type[Message], wire: torch.dtype
     first = True
     for tensor in envelope.tensors:
         with timed("encode"):
-            tensor = tensor.detach()
-            if wire is not None and tensor.is_floating_point() and tensor.dtype != wire:
-                tensor = tensor.to(wire)
             messages = []
-            for part in split_for_streaming(serialize_torch_tensor(tensor), chunk_bytes):
+            for part in split_for_streaming(serialize_torch_tensor(_for_wire(tensor, wire)), chunk_bytes):
                 messages.append(message_type(tensors=[part], metadata=pack_meta(envelope.meta) if first else b""))
                 first = False
         yield from messages
@@ -112,13 +109,15 @@ def to_chunks(envelope: Envelope, message_type: type[Message], wire: torch.dtype
 def to_message(envelope: Envelope, message_type: type[Message], wire: torch.dtype | None = None) -> Message:
     """Encode an envelope as one message (a unary call, or one call on a pipe). `wire` as in `to_chunks`."""
     with timed("encode"):
-        tensors = []
-        for tensor in envelope.tensors:
-            tensor = tensor.detach()
-            if wire is not None and tensor.is_floating_point() and tensor.dtype != wire:
-                tensor = tensor.to(wire)
-            tensors.append(serialize_torch_tensor(tensor))
-        return message_type(tensors=tensors, metadata=pack_meta(envelope.meta))
+        return message_type(tensors=[serialize_torch_tensor(_for_wire(t, wire)) for t in envelope.tensors],
+                            metadata=pack_meta(envelope.meta))
+
+
+def _for_wire(tensor: torch.Tensor, wire: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach()
+    if wire is not None and tensor.is_floating_point() and tensor.dtype != wire:
+        tensor = tensor.to(wire)
+    return tensor
 
 
 def from_message(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> Envelope:

@@ -27,6 +27,7 @@ from cfnode.protocol.messages import (
     RemoteError,
     TruncatedStream,
     decode_tensors,
+    raise_for_error,
     to_message,
     unpack_meta,
 )
@@ -86,14 +87,8 @@ class Pipe:
             meta, tensors = await reply
         finally:
             stream.pending.pop(number, None)
-        if "error" not in meta:
-            return Envelope(meta, decode_tensors(tensors, self.max_reply_bytes))
-        error = meta["error"]
-        if not isinstance(error, dict):
-            raise RemoteError(INTERNAL, str(error))
-        peers = error.get("peers")
-        raise RemoteError(str(error.get("code", INTERNAL)), str(error.get("message", "")),
-                          [p for p in peers if isinstance(p, str)] if isinstance(peers, list) else [])
+        raise_for_error(Envelope(meta))
+        return Envelope(meta, decode_tensors(tensors, self.max_reply_bytes))
 
     def reset(self, reason: str) -> None:
         """Drop the current stream (its calls fail); the next call opens a new one. For a peer that stopped
