@@ -313,36 +313,44 @@ class StagePeer:
                 return StepReply(self.current_step, self.grad_norm or 0.0)  # already applied: the caller retried
             self._check_step(request.step)
             await self._adopt_session(request.session)
-            own = await self._own_grads(request.step)
             others = [p for p in sorted(request.group) if p != self.peer_id]
-            results = await asyncio.gather(
-                *[self.client.fetch_grads(p, self.stage, request.step, self.request_timeout, request.session)
-                  for p in others],
-                return_exceptions=True,
-            )
-            failed = [p for p, r in zip(others, results) if isinstance(r, BaseException)]
-            if failed:
-                raise RequestRefused(GROUP_FAILED, f"could not fetch gradients from {', '.join(failed)}", failed)
-            by_peer = dict(zip(others, results))
-            by_peer[self.peer_id] = own
-            for peer, grads in by_peer.items():
-                if len(grads) != len(own) or any(g.shape != o.shape for g, o in zip(grads, own)):
-                    raise RequestRefused(GROUP_FAILED, f"gradients from {peer} do not match this stage", [peer])
-                if not all(torch.isfinite(g).all() for g in grads):  # one broken replica must not poison the rest
-                    raise RequestRefused(GROUP_FAILED, f"gradients from {peer} hold NaN or Inf values", [peer])
-            # Every replica sums in the same (sorted) order, so all of them apply bitwise-identical updates.
-            ordered = [by_peer[p] for p in sorted(request.group)]
-            self.grad_norm = await self._compute(self._apply, ordered)
+            if others:
+                own = await self._own_grads(request.step)
+                self.grad_norm = await self._compute(self._apply, await self._group_grads(request, own))
+                # Keep this step's own gradients: a slower replica of the group may still fetch them.
+                self._grads_cache = (request.step, own)
+            else:  # alone: no replica fetches them, so step on the accumulated gradients in place, uncopied
+                self.grad_norm = await self._compute(self._apply, None)
+                self._grads_cache = None
             self._last_applied = request.step
             self._step_anchored = True
             self.current_step += 1
             self._input_grads.clear()
             self._kept.clear()  # their graphs saw the weights this step just changed
-            # Keep this step's own gradients: a slower replica of the group may still fetch them.
-            self._grads_cache = (request.step, own)
         if time.monotonic() - self._announced_at > STEP_ANNOUNCE_SECONDS:
             self._spawn(self.announce())  # status sees the new step soon; a store per step would cost much CPU
         return StepReply(self.current_step, self.grad_norm)
+
+    async def _group_grads(self, request: StepRequest, own: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Every replica's gradients in the group's (sorted) order, checked: one broken replica must not poison the
+        rest, and every replica sums in the same order, so all of them apply bitwise-identical updates."""
+        others = [p for p in sorted(request.group) if p != self.peer_id]
+        results = await asyncio.gather(
+            *[self.client.fetch_grads(p, self.stage, request.step, self.request_timeout, request.session)
+              for p in others],
+            return_exceptions=True,
+        )
+        failed = [p for p, r in zip(others, results) if isinstance(r, BaseException)]
+        if failed:
+            raise RequestRefused(GROUP_FAILED, f"could not fetch gradients from {', '.join(failed)}", failed)
+        by_peer = dict(zip(others, results))
+        by_peer[self.peer_id] = own
+        for peer, grads in by_peer.items():
+            if len(grads) != len(own) or any(g.shape != o.shape for g, o in zip(grads, own)):
+                raise RequestRefused(GROUP_FAILED, f"gradients from {peer} do not match this stage", [peer])
+            if not all(torch.isfinite(g).all() for g in grads):
+                raise RequestRefused(GROUP_FAILED, f"gradients from {peer} hold NaN or Inf values", [peer])
+        return [by_peer[p] for p in sorted(request.group)]
 
     async def describe(self) -> dict:
         return self.announcement().to_wire()
@@ -479,17 +487,26 @@ class StagePeer:
         output.backward(grad_output.to(self.device))
         return hidden.grad.cpu()
 
-    def _apply(self, ordered_grads: list[list[torch.Tensor]]) -> float:
+    def _apply(self, ordered_grads: list[list[torch.Tensor]] | None) -> float:
+        """Clip and step on the group's gradients summed in the given order, or (None) on this peer's own
+        accumulated ones. Returns the norm before clipping."""
         params = list(self.model.parameters())
         for index, param in enumerate(params):
+            if ordered_grads is None:
+                if param.grad is None:  # no microbatch reached it: a zero gradient, as a replica would send
+                    param.grad = torch.zeros_like(param)
+                continue
             total = torch.zeros_like(param)
             for grads in ordered_grads:
                 total += grads[index].to(self.device)
             param.grad = total
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.spec.grad_clip))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(norm):
+            raise RequestRefused(GROUP_FAILED, f"gradients from {self.peer_id} hold NaN or Inf values", [self.peer_id])
+        torch.nn.utils.clip_grads_with_norm_(params, self.spec.grad_clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return float(norm)
 
     # --- resynchronisation ---------------------------------------------------------------------------------
 

@@ -100,7 +100,8 @@ class Trainer:
         self._known_step: dict[str, int] = {}  # peer -> step it confirmed (fresher than its announcement)
         self._lost_since: dict[int, float] = {}  # stage -> when it was found without a usable peer
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="trainer-compute")
-        self._stepping: asyncio.Future | None = None  # the step being applied
+        self._stepping: asyncio.Future | None = None  # the step in progress, microbatches to applied
+        self._stage_steps: dict[int, asyncio.Future] = {}  # stage -> applying this step there, once started
         # Each stage's last refit_cache (input, output) microbatch pairs, for a newcomer that rebuilds it to refit.
         self.activations = ActivationCache(spec.refit_cache)
         self.session = secrets.token_hex(8)  # tells stage peers which trainer's gradients they accumulate
@@ -159,17 +160,10 @@ class Trainer:
     async def train_step(self) -> float:
         inputs, targets = self.dataset.sample_batch(self.config.batch_size,
                                                     batch_generator(self.config.seed, self.step + 1))
-        self._sent = {s: {} for s in range(1, self.spec.num_stages + 1)}
-        chunks = zip(inputs.chunk(self.config.microbatches), targets.chunk(self.config.microbatches))
-        routes = microbatch_routes(self.spec.num_stages, self.config.microbatches, self.spec.recovery,
-                                   self.spec.swap_fraction)
-        losses = await asyncio.gather(*[self._microbatch(i, x, y, route)
-                                        for i, ((x, y), route) in enumerate(zip(chunks, routes))])
-        # Applying the step runs to its end even if this trainer is stopped meanwhile (SIGTERM), so the stages,
-        # the head and the step count never disagree in what it leaves behind.
-        self._stepping = asyncio.ensure_future(self._apply_step())
-        with timed("apply_step"):
-            await asyncio.shield(self._stepping)
+        # Once a stage has applied the step, the step runs to its end even if this trainer is stopped meanwhile
+        # (SIGTERM), so the stages, the head and the step count never disagree in what it leaves behind.
+        self._stepping = asyncio.ensure_future(self._run_step(inputs, targets))
+        losses = await asyncio.shield(self._stepping)
         with collecting({}):  # housekeeping, not the step's own calls: left out of its time_split
             if self.spec.head_copy_every and self.step % self.spec.head_copy_every == 0:
                 await self._copy_head_to_edges()
@@ -177,10 +171,30 @@ class Trainer:
                 await self._save_own_state()
         return sum(losses) / len(losses)
 
-    async def _apply_step(self) -> None:
-        await asyncio.gather(*[self._step_stage(s) for s in range(1, self.spec.num_stages + 1)])
-        await self._compute(self._step_head)
+    async def _run_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        """The microbatches of one step, then the step applied at every stage and the head."""
+        self._sent = {s: {} for s in range(1, self.spec.num_stages + 1)}
+        self._stage_steps = {}
+        chunks = zip(inputs.chunk(self.config.microbatches), targets.chunk(self.config.microbatches))
+        routes = microbatch_routes(self.spec.num_stages, self.config.microbatches, self.spec.recovery,
+                                   self.spec.swap_fraction)
+        try:
+            losses = await asyncio.gather(*[self._microbatch(i, x, y, route)
+                                            for i, ((x, y), route) in enumerate(zip(chunks, routes))])
+        except Exception:
+            # The stages that were applying the step finish it: their gradients are complete.
+            await asyncio.gather(*self._stage_steps.values(), return_exceptions=True)
+            raise
+        with timed("apply_step"):
+            await asyncio.gather(*self._stage_steps.values(), self._compute(self._step_head))
         self.step += 1
+        return losses
+
+    def _backward_done(self, stage: int) -> None:
+        """A stage's last backward of the step is in: it applies the step while the stages before it still work
+        on theirs (the last microbatch's backward passes through them after it)."""
+        if len(self._sent[stage]) == self.config.microbatches and stage not in self._stage_steps:
+            self._stage_steps[stage] = asyncio.ensure_future(self._step_stage(stage))
 
     async def evaluate(self) -> float:
         losses = []
@@ -209,6 +223,7 @@ class Trainer:
             hidden_in = stage_inputs[stage]
             peer, grad_in = await self._backward(stage, index, hidden_in, grad, kept_by[stage])
             self._sent[stage][index] = SentBackward(peer, hidden_in, grad)
+            self._backward_done(stage)
             grad = grad_in
         await self._compute(lambda: embedded.backward(grad.to(self.device)))
         return loss
@@ -429,8 +444,13 @@ class Trainer:
         return self.step, self.activations.pairs(request.stage)
 
     async def _finish_step(self) -> None:
-        """Stopped while a step was being applied: let it finish (bounded), so the saved state is consistent."""
+        """Stopped mid-step. Before any stage applied it, drop the step: nothing changed yet. After, let it finish
+        (bounded), so the saved state is consistent."""
         if self._stepping is None or self._stepping.done():
+            return
+        if not self._stage_steps:
+            self._stepping.cancel()
+            await asyncio.gather(self._stepping, return_exceptions=True)
             return
         logger.info("finishing the step being applied before stopping")
         try:
@@ -520,7 +540,8 @@ def time_split(timing: dict[str, float]) -> dict[str, float]:
     sum exceeds the step's wall time): compute at the stages and at the trainer's head, the wait for a stage's
     compute worker, (de)serialisation on both sides, and the rest of each call's round trip: the transfer
     (both p2p daemons, the network, the reply's encoding at the stage and each side's event loop). Then, in wall
-    time, `apply_step`: applying the step at every stage and the head, when no microbatch is in flight."""
+    time, `apply_step`: from the end of the last microbatch until the step is applied at every stage and the head
+    (a stage starts applying it once its own last backward is in, often while the microbatches still run)."""
     stage_side = sum(timing.get(f"stage_{kind}", 0.0) for kind in ("decode", "queue", "compute"))
     local_side = timing.get("encode", 0.0) + timing.get("decode", 0.0)
     split = dict(stage_compute=timing.get("stage_compute", 0.0), head_compute=timing.get("head_compute", 0.0),

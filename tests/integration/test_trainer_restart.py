@@ -7,12 +7,21 @@ from pathlib import Path
 
 import torch
 
+from cfnode.node.runtime import connect
 from cfnode.node.stage_state import load_state_file
-from tests.integration.harness import read_events, wait_until
+from cfnode.protocol.service import StageClient
+from tests.integration.harness import network, read_events, run_async, wait_until
 
 
 def steps_of(events):
     return [e for e in events if e["event"] == "step"]
+
+
+async def stage_steps(maddr: str, peers: dict[int, str]) -> dict[int, int]:
+    """Each stage peer's exact step, from a download of its state (announcements lag behind)."""
+    async with connect(network(maddr)) as (_dht, p2p, _identity):
+        client = StageClient(p2p, 2**26)
+        return {stage: (await client.download_state(peer, stage, timeout=60)).step for stage, peer in peers.items()}
 
 
 def test_restarted_trainer_resumes_from_its_own_state_file(swarm):
@@ -30,6 +39,10 @@ def test_restarted_trainer_resumes_from_its_own_state_file(swarm):
     # SIGTERM lets the step being applied finish, then saves: the file is at the swarm's step, not an older one.
     assert saved.step >= before[-1]["step"]
     assert all(torch.isfinite(t).all() for t in saved.tensors if t.is_floating_point())
+    # Stages apply a step as soon as their own backwards are in, before the rest: a stop never leaves some of
+    # them a step ahead of the others and of the saved head.
+    peers = {stage: swarm.online_peers(stage)[0]["peer_id"] for stage in (1, 2, 3)}
+    assert run_async(stage_steps, swarm.maddr, peers) == {1: saved.step, 2: saved.step, 3: saved.step}
 
     second, jsonl2 = swarm.start_trainer(4, "--state", str(state_file), jsonl=Path(swarm.workdir / "second.jsonl"))
     assert second.process.wait(240) == 0, swarm.log(second)
