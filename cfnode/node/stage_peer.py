@@ -401,9 +401,11 @@ class StagePeer:
         """Gradients belong to one trainer run: a new trainer's first request drops what a dead one left behind."""
         if session == self._grad_session:
             return
-        if self._input_grads or self._grads_cache is not None:
-            logger.warning(f"stage {self.stage}: a new trainer took over; dropping {len(self._input_grads)} "
-                           "microbatch(es) of gradients from the previous one")
+        if self._grad_session or self._input_grads:  # not the first trainer, or one without a session
+            dropped = len(self._input_grads)
+            (logger.warning if dropped else logger.info)(
+                f"stage {self.stage}: a new trainer took over; dropping {dropped} microbatch(es) of gradients from "
+                "the previous one")
         self._grad_session = session
         self._reset_step_buffers()
         await self._compute(self.optimizer.zero_grad, True)
