@@ -316,7 +316,7 @@ class StagePeer:
             others = [p for p in sorted(request.group) if p != self.peer_id]
             if others:
                 own = await self._own_grads(request.step)
-                self.grad_norm = await self._compute(self._apply, await self._group_grads(request, own))
+                self.grad_norm = await self._compute(self._apply, await self._group_grads(request, others, own))
                 # Keep this step's own gradients: a slower replica of the group may still fetch them.
                 self._grads_cache = (request.step, own)
             else:  # alone: no replica fetches them, so step on the accumulated gradients in place, uncopied
@@ -331,10 +331,10 @@ class StagePeer:
             self._spawn(self.announce())  # status sees the new step soon; a store per step would cost much CPU
         return StepReply(self.current_step, self.grad_norm)
 
-    async def _group_grads(self, request: StepRequest, own: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    async def _group_grads(self, request: StepRequest, others: list[str],
+                           own: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Every replica's gradients in the group's (sorted) order, checked: one broken replica must not poison the
         rest, and every replica sums in the same order, so all of them apply bitwise-identical updates."""
-        others = [p for p in sorted(request.group) if p != self.peer_id]
         results = await asyncio.gather(
             *[self.client.fetch_grads(p, self.stage, request.step, self.request_timeout, request.session)
               for p in others],
