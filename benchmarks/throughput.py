@@ -20,7 +20,9 @@ With --rounds N the whole sequence, (a) first to (a) last, runs N times; each ro
 For each swarm run it also reports where the time goes: the CPU seconds per step of each kind of process (sampled
 from /proc: trainer, stages, p2p daemons, DHT processes) against the cores' capacity, and the trainer's
 `time_split` (compute at the stages and the head, (de)serialisation, transfer, waits for a busy stage, and the
-wall time of applying the step).
+wall time of applying the step). From the stage peers' compute traces (`cfnode join --trace-dir`) it reports
+the share of the timed steps' wall time in which 0, 1, 2, ... stages computed at once, and how long stage 1 waited
+at the step boundary, from its last backward of a step to its first forward of the next.
 
     python benchmarks/throughput.py                    # demo model: 3 stages x 2 layers, hidden 128
     python benchmarks/throughput.py --rounds 3 --json-out bench.json
@@ -54,6 +56,7 @@ from moe_pipeline import (
 )
 
 from cfnode.bench.cpu import CpuSampler
+from cfnode.bench.trace import concurrency, read_traces, step_boundaries
 from cfnode.config import JoinConfig, NetworkConfig, RunSpec, TrainConfig
 from cfnode.data import TextDataset, batch_generator, load_corpus
 from cfnode.launcher import LocalSwarm, SwarmLayout
@@ -156,7 +159,8 @@ def run_swarm(spec: RunSpec, args: argparse.Namespace, variant: Variant) -> dict
                          steps=args.warmup + args.steps, log_jsonl=str(log_jsonl),
                          batch_size=args.batch_size, microbatches=args.microbatches, workdir=workdir,
                          log_level=args.swarm_log_level, threads=variant.threads,
-                         join_args=["--keep-activations", str(variant.keep_activations)],
+                         join_args=["--keep-activations", str(variant.keep_activations),
+                                    "--trace-dir", str(workdir / "traces")],
                          train_args=["--eval-every", "0", "--seed", str(args.seed), "--stage-timeout", "60",
                                      "--pipe" if variant.pipe else "--no-pipe"])
     # A hung swarm must not hang the benchmark: SIGTERM makes LocalSwarm.run stop everything and return 130.
@@ -199,6 +203,10 @@ def run_swarm(spec: RunSpec, args: argparse.Namespace, variant: Variant) -> dict
     splits = [r.get("time_split", {}) for r in timed]
     result["time_split_per_step"] = {kind: round(sum(split.get(kind, 0.0) for split in splits) / len(timed), 4)
                                      for kind in splits[0]}
+    calls = read_traces(workdir / "traces")
+    result["stages_computing"] = {str(k): round(share, 4) for k, share in concurrency(calls, *window).items()}
+    boundaries = step_boundaries([c for c in calls if window[0] <= c.start <= window[1]])
+    result["step_boundary_ms"] = round(1000 * statistics.median(boundaries), 2) if boundaries else None
     if args.keep_logs:
         print(f"swarm logs kept in {workdir}")
     else:
@@ -251,6 +259,11 @@ def print_report(report: dict[str, Any]) -> None:
         split = r["time_split_per_step"]
         print("    trainer's calls, s per step summed over concurrent calls: "
               + ", ".join(f"{kind} {seconds:.3f}" for kind, seconds in split.items()))
+        if r.get("stages_computing"):
+            shares = ", ".join(f"{k}: {share:.1%}" for k, share in r["stages_computing"].items())
+            boundary = f"{r['step_boundary_ms']:.1f} ms" if r.get("step_boundary_ms") is not None else "n/a"
+            print(f"    stages computing at once, share of the timed steps' wall time: {shares}; stage 1 from its last "
+                  f"backward to its next forward: median {boundary}")
 
 
 def run_round(args: argparse.Namespace, spec: RunSpec, dataset: TextDataset) -> dict[str, Any]:

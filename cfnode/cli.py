@@ -161,9 +161,13 @@ def _parse_stage(value: str) -> int | None:
               envvar="CFNODE_KEEP_ACTIVATIONS",
               help="Microbatches whose forward activations this peer keeps until their backward arrives, instead "
                    "of recomputing the forward (0: always recompute; saves memory).")
+@click.option("--trace-dir", type=click.Path(file_okay=False), metavar="DIR", envvar="CFNODE_TRACE_DIR",
+              help="Write a JSON line for each forward, backward and step this peer computes, with its start and "
+                   "end on the wall clock, to DIR/stage<S>-<peer id>.jsonl (pipeline timelines).")
 @threads_option
 def join(stage: str, device: str, request_timeout: float, metrics_port: int | None, standby: bool,
-         leave_timeout: float, keep_activations: int, threads: int | None, **kw: Any) -> None:
+         leave_timeout: float, keep_activations: int, trace_dir: str | None, threads: int | None,
+         **kw: Any) -> None:
     """Serve one pipeline stage until stopped (SIGTERM leaves cleanly, handing the stage over)."""
     from cfnode.node.join import run_join
     from cfnode.node.runtime import run_role
@@ -173,8 +177,13 @@ def join(stage: str, device: str, request_timeout: float, metrics_port: int | No
     if standby and chosen is not None:
         raise click.BadParameter("a standby peer chooses its stage itself: use it with --stage auto",
                                  param_hint="--standby")
+    if trace_dir is not None:
+        try:  # here, so a bad directory fails before the peer connects
+            Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise click.BadParameter(f"cannot create {trace_dir}: {e.strerror}", param_hint="--trace-dir") from None
     config = JoinConfig(_network(kw), chosen, device, request_timeout, metrics_port, standby=standby,
-                        leave_timeout=leave_timeout, keep_activations=keep_activations)
+                        leave_timeout=leave_timeout, keep_activations=keep_activations, trace_dir=trace_dir)
     _set_threads(threads)
     _run("join", lambda: run_role(lambda: run_join(config)))
 

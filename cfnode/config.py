@@ -193,6 +193,7 @@ class JoinConfig:
     standby_poll: float = 0.5  # seconds between a standby peer's looks at the stage map
     leave_timeout: float = 30.0  # on SIGTERM: time to finish in-flight work and hand the stage's state over
     keep_activations: int = 16  # microbatches whose forward graph waits for their backward (0: recompute)
+    trace_dir: str | None = None  # write a JSON line per compute call here (cfnode/node/trace.py)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from cfnode.node.metrics import PeerMetrics, serving
 from cfnode.node.runtime import connect, wait_forever
 from cfnode.node.stage_peer import StagePeer, live_stage_map, pick_stage
 from cfnode.node.swarm_map import read_spec
+from cfnode.node.trace import ComputeTrace
 from cfnode.protocol.records import PeerState
 from cfnode.protocol.service import StageClient, StageService
 
@@ -23,8 +24,9 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
         spec = await read_spec(dht, config.network)
         client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype)
         stage = await pick_stage(config, dht, spec, client)
+        trace = ComputeTrace(config.trace_dir, stage, identity.peer_id.to_base58()) if config.trace_dir else None
         peer = StagePeer(spec, stage, identity, dht, client, config.device, config.request_timeout,
-                         config.keep_activations)
+                         config.keep_activations, trace)
         metrics = PeerMetrics(peer)
         metrics_server = contextlib.ExitStack()  # bound first: a busy port fails before this peer announces
         metrics_server.enter_context(serving(metrics.registry, config.network.host, config.metrics_port))

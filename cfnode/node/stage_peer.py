@@ -23,6 +23,7 @@ from cfnode.model import build_body_stage, build_head
 from cfnode.node.stage_choice import choose_stage, is_live
 from cfnode.node.stage_state import flat_grads, load_snapshot, make_optimizer, model_state, snapshot
 from cfnode.node.swarm_map import StageMap, merge_stage_maps, online, read_stage_map, read_trainers, swarm_step
+from cfnode.node.trace import ComputeTrace
 from cfnode.protocol.identity import Identity
 from cfnode.protocol.keys import stage_key
 from cfnode.protocol.messages import (
@@ -72,12 +73,14 @@ class StagePeer:
     """One replica of body stage `stage`: the StageBackend behind StageService."""
 
     def __init__(self, spec: RunSpec, stage: int, identity: Identity, dht: hivemind.DHT, client: StageClient,
-                 device: str = "cpu", request_timeout: float = 30.0, keep_activations: int = 16):
+                 device: str = "cpu", request_timeout: float = 30.0, keep_activations: int = 16,
+                 trace: ComputeTrace | None = None):
         self.spec, self.stage, self.identity = spec, stage, identity
         self.peer_id = identity.peer_id.to_base58()
         self.dht, self.client = dht, client
         self.device = torch.device(device)
         self.request_timeout = request_timeout
+        self.trace = trace  # compute calls with their wall-clock times, for pipeline timelines
         self.max_request_bytes = spec.max_message_bytes
         self.model = build_body_stage(spec, stage).to(self.device)
         self.optimizer = make_optimizer(self.model, spec)
@@ -264,8 +267,9 @@ class StagePeer:
         hidden = self._check(request.stage, request.step, request.hidden, "hidden")
         tokens = hidden.shape[0] * hidden.shape[1]
         if not (request.keep and self.keep_activations):
-            return ForwardReply(await self._timed(tokens, self._forward, hidden))
-        hidden, output = await self._timed(tokens, self._forward_keeping, hidden)
+            kind = "forward" if request.keep else "evaluate"  # the trainer asks to keep in training only
+            return ForwardReply(await self._timed(kind, request, tokens, self._forward, hidden))
+        hidden, output = await self._timed("forward", request, tokens, self._forward_keeping, hidden)
         self._kept[request.microbatch] = (hidden, output)
         while len(self._kept) > self.keep_activations:  # the oldest falls back to recomputation
             del self._kept[next(iter(self._kept))]
@@ -294,9 +298,9 @@ class StagePeer:
         tokens = hidden.shape[0] * hidden.shape[1]
         if kept is not None:
             del self._kept[request.microbatch]  # a graph runs backward once
-            grad_input = await self._timed(tokens, self._backward_kept, *kept, grad_output)
+            grad_input = await self._timed("backward", request, tokens, self._backward_kept, *kept, grad_output)
         else:
-            grad_input = await self._timed(2 * tokens, self._backward, hidden_in, grad_output)
+            grad_input = await self._timed("backward", request, 2 * tokens, self._backward, hidden_in, grad_output)
         self._input_grads[request.microbatch] = grad_input
         self._grads_cache = None
         return grad_input
@@ -316,11 +320,11 @@ class StagePeer:
             others = [p for p in sorted(request.group) if p != self.peer_id]
             if others:
                 own = await self._own_grads(request.step)
-                self.grad_norm = await self._compute(self._apply, await self._group_grads(request, others, own))
+                self.grad_norm = await self._apply_traced(request.step, await self._group_grads(request, others, own))
                 # Keep this step's own gradients: a slower replica of the group may still fetch them.
                 self._grads_cache = (request.step, own)
             else:  # alone: no replica fetches them, so step on the accumulated gradients in place, uncopied
-                self.grad_norm = await self._compute(self._apply, None)
+                self.grad_norm = await self._apply_traced(request.step, None)
                 self._grads_cache = None
             self._last_applied = request.step
             self._step_anchored = True
@@ -455,7 +459,8 @@ class StagePeer:
     async def _compute(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    async def _timed(self, tokens: int, fn: Callable[..., T], *args) -> T:
+    async def _timed(self, kind: str, request: ForwardRequest | BackwardRequest, tokens: int, fn: Callable[..., T],
+                     *args) -> T:
         """Compute on the worker, recording the wait for it (`queue`) and the compute itself for the reply."""
         self.load += 1
         try:
@@ -464,9 +469,17 @@ class StagePeer:
             self.throughput.record(tokens, finished - started)
             add_time("queue", started - submitted)
             add_time("compute", finished - started)
+            if self.trace is not None:
+                self.trace.record(kind, request.step, request.microbatch, started, finished)
             return result
         finally:
             self.load -= 1
+
+    async def _apply_traced(self, step: int, ordered_grads: list[list[torch.Tensor]] | None) -> float:
+        norm, started, finished = await self._compute(run_timed, self._apply, ordered_grads)
+        if self.trace is not None:
+            self.trace.record("step", step, None, started, finished)
+        return norm
 
     def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -646,6 +659,8 @@ class StagePeer:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+        if self.trace is not None:
+            self.trace.close()
 
 
 async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec, client: StageClient) -> int:

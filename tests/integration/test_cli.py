@@ -31,6 +31,7 @@ def test_every_command_has_help(command):
         (["join", "--stage", "zero", "--initial-peers", "x"], {}, "--stage"),
         (["join", "--initial-peers", "x"], {"CFNODE_STAGE": "-1"}, "--stage"),
         (["join", "--device", "tpu", "--initial-peers", "x"], {}, "--device"),
+        (["join", "--stage", "1", "--initial-peers", "x", "--trace-dir", "/proc/cfnode-trace"], {}, "--trace-dir"),
         (["join"], {}, "--initial-peers is required"),
         (["train", "--steps", "0", "--initial-peers", "x"], {}, "--steps"),
         (["train", "--steps", "5", "--batch-size", "6", "--microbatches", "4", "--initial-peers", "x"], {},

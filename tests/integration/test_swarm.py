@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cfnode.bench.trace import read_traces, step_boundaries
 from cfnode.node.runtime import connect
 from cfnode.protocol.service import StageClient
 from tests.integration.harness import network, read_events, run_async, wait_until
@@ -30,8 +31,9 @@ def assert_identical(states) -> None:
 
 def test_bootstrap_three_peers_and_trainer_loss_falls(swarm):
     swarm.start_bootstrap()
+    traces = swarm.workdir / "traces"
     for stage in (1, 2, 3):
-        swarm.start_peer(stage)
+        swarm.start_peer(stage, "--trace-dir", str(traces))
     trainer, jsonl = swarm.start_trainer(20)
     assert trainer.process.wait(300) == 0, swarm.log(trainer)
     steps = steps_of(read_events(jsonl))
@@ -46,6 +48,17 @@ def test_bootstrap_three_peers_and_trainer_loss_falls(swarm):
         (peer,) = stage["peers"]
         assert peer["state"] == "ONLINE" and peer["step"] == 20 and peer["grad_norm"] > 0
         assert peer["source"] == "fresh"
+    # Each stage traced every microbatch's forward and backward and every step it computed.
+    calls = read_traces(traces)
+    for stage in (1, 2, 3):
+        mine = [c for c in calls if c.stage == stage]
+        assert {c.step for c in mine if c.kind == "step"} == set(range(20))
+        trained = {(s, m) for s in range(20) for m in range(4)}
+        assert {(c.step, c.microbatch) for c in mine if c.kind == "backward"} == trained
+        assert trained <= {(c.step, c.microbatch) for c in mine if c.kind == "forward"}
+        assert all(0 <= c.end - c.start < 60 for c in mine)
+    assert len(step_boundaries(calls)) == 19  # stage 1 between each two steps
+    assert {c.step for c in calls if c.kind == "evaluate"} == {20}  # the validation loss at the end
 
 
 def test_replica_killed_mid_run_and_late_joiner_gets_identical_state(swarm):
