@@ -98,6 +98,8 @@ class StagePeer:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"stage{stage}-compute")
         self._state_lock = asyncio.Lock()  # held while the weights change (step, state load)
         self._input_grads: dict[int, torch.Tensor] = {}  # microbatch -> input grad, this step: retries are idempotent
+        # ... and of the step last applied: a backward that carried the step may be retried after its reply was lost
+        self._applied_grads: dict[int, torch.Tensor] = {}
         # microbatch -> (input, output) with the autograd graph of this step's forward, until its backward arrives.
         self.keep_activations = keep_activations
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -276,6 +278,10 @@ class StagePeer:
         return ForwardReply(output.detach().cpu(), kept=True)
 
     async def backward(self, request: BackwardRequest) -> torch.Tensor:
+        if (request.step == self._last_applied and request.session == self._grad_session
+                and request.microbatch in self._applied_grads):
+            self._check_stage(request.stage)
+            return self._applied_grads[request.microbatch]  # its step call, idempotent too, reports the step applied
         if request.hidden is None:
             self._check_stage(request.stage)
             self._check_ready()
@@ -329,7 +335,7 @@ class StagePeer:
             self._last_applied = request.step
             self._step_anchored = True
             self.current_step += 1
-            self._input_grads.clear()
+            self._applied_grads, self._input_grads = self._input_grads, {}
             self._kept.clear()  # their graphs saw the weights this step just changed
         if time.monotonic() - self._announced_at > STEP_ANNOUNCE_SECONDS:
             self._spawn(self.announce())  # status sees the new step soon; a store per step would cost much CPU
@@ -453,6 +459,7 @@ class StagePeer:
 
     def _reset_step_buffers(self) -> None:
         self._input_grads.clear()
+        self._applied_grads.clear()
         self._kept.clear()
         self._grads_cache = None
 

@@ -97,6 +97,7 @@ class Trainer:
         self.step = 0
         self.grad_norms: dict[int, float] = {}
         self._sent: dict[int, dict[int, SentBackward]] = {}  # stage -> microbatch -> accepted backward
+        self._backwards_in_flight: dict[int, dict[int, asyncio.Event]] = {}  # stage -> microbatch -> set when done
         self._known_step: dict[str, int] = {}  # peer -> step it confirmed (fresher than its announcement)
         self._lost_since: dict[int, float] = {}  # stage -> when it was found without a usable peer
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="trainer-compute")
@@ -174,6 +175,7 @@ class Trainer:
     async def _run_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
         """The microbatches of one step, then the step applied at every stage and the head."""
         self._sent = {s: {} for s in range(1, self.spec.num_stages + 1)}
+        self._backwards_in_flight = {s: {} for s in range(1, self.spec.num_stages + 1)}
         self._stage_steps = {}
         chunks = zip(inputs.chunk(self.config.microbatches), targets.chunk(self.config.microbatches))
         routes = microbatch_routes(self.spec.num_stages, self.config.microbatches, self.spec.recovery,
@@ -221,8 +223,24 @@ class Trainer:
         loss, grad = await self._compute(self._head_backward, hidden, targets)
         for stage in reversed(route):
             hidden_in = stage_inputs[stage]
-            peer, grad_in = await self._backward(stage, index, hidden_in, grad, kept_by[stage])
+            done = self._backwards_in_flight[stage][index] = asyncio.Event()
+            ride: asyncio.Future[tuple[str, StepReply | None]] | None = None
+            try:
+                step_group = await self._step_rides_on(stage, index)
+                if step_group is not None:  # the step has begun: a stop from now on lets it finish (_finish_step)
+                    ride = asyncio.get_running_loop().create_future()
+                    self._stage_steps[stage] = asyncio.ensure_future(self._step_stage(stage, ride))
+                peer, (grad_in, stepped) = await self._backward(stage, index, hidden_in, grad, kept_by[stage],
+                                                                step_group)
+            except BaseException:
+                if ride is not None:
+                    ride.cancel()  # the stage's gradients are incomplete: its step must not be applied
+                raise
+            finally:
+                done.set()
             self._sent[stage][index] = SentBackward(peer, hidden_in, grad)
+            if ride is not None:
+                ride.set_result((peer, stepped))
             self._backward_done(stage)
             grad = grad_in
         await self._compute(lambda: embedded.backward(grad.to(self.device)))
@@ -240,23 +258,28 @@ class Trainer:
         return await self._call(stage, "forward", call)
 
     async def _backward(self, stage: int, microbatch: int, hidden: torch.Tensor, grad_output: torch.Tensor,
-                        kept_by: str | None = None) -> tuple[str, torch.Tensor]:
-        """The peer that kept this microbatch's forward activations gets only the gradient. Any other peer (a retry
+                        kept_by: str | None = None,
+                        step_group: list[str] | None = None) -> tuple[str, tuple[torch.Tensor, StepReply | None]]:
+        """(peer, (input gradient, the step it applied along with the backward, if asked to in step_group)).
+        The peer that kept this microbatch's forward activations gets only the gradient. Any other peer (a retry
         elsewhere, a replay), or one that has dropped them since, gets the input to recompute from."""
-        with_input = BackwardRequest(stage, self.step, microbatch, hidden, grad_output, self.session)
-        without_input = BackwardRequest(stage, self.step, microbatch, None, grad_output, self.session)
+        with_input = BackwardRequest(stage, self.step, microbatch, hidden, grad_output, self.session, step_group)
+        without_input = BackwardRequest(stage, self.step, microbatch, None, grad_output, self.session, step_group)
 
-        async def call(peer: str) -> torch.Tensor:
+        async def call(peer: str) -> tuple[torch.Tensor, StepReply | None]:
             if peer == kept_by:
                 try:
-                    grad_input = await self.client.backward(peer, without_input, self.config.request_timeout)
+                    reply = await self.client.backward(peer, without_input, self.config.request_timeout)
                 except RemoteError as e:
                     if e.code != NO_ACTIVATIONS:
                         raise
-                    grad_input = await self.client.backward(peer, with_input, self.config.request_timeout)
+                    reply = await self.client.backward(peer, with_input, self.config.request_timeout)
             else:
-                grad_input = await self.client.backward(peer, with_input, self.config.request_timeout)
-            return self._check_reply(grad_input, hidden.shape, "input gradient", stage)
+                reply = await self.client.backward(peer, with_input, self.config.request_timeout)
+            if reply.step_refused is not None:
+                logger.debug(f"stage {stage} peer {peer} did not apply the step with its backward: "
+                             f"{reply.step_refused}")
+            return self._check_reply(reply.grad_input, hidden.shape, "input gradient", stage), reply.stepped
 
         return await self._call(stage, "backward", call)
 
@@ -269,8 +292,33 @@ class Trainer:
 
     # --- stepping ------------------------------------------------------------------------------------------
 
-    async def _step_stage(self, stage: int) -> None:
-        """Apply this step's gradients on every replica of a stage, replaying any lost replica's share."""
+    async def _step_rides_on(self, stage: int, microbatch: int) -> list[str] | None:
+        """The step group to send with this backward, if it is the stage's last of the step and one peer is the whole
+        group: that peer applies the step right after it, and no step call waits a round trip for the reply.
+        If the stage's other backwards are all sent but some are still running, this waits for them: they are ahead
+        of this one in the peer's queue anyway, and only once they are in is the group known."""
+        others = [event for mb, event in self._backwards_in_flight[stage].items() if mb != microbatch]
+        if len(others) != self.config.microbatches - 1:
+            return None  # some microbatch has not reached this stage's backward yet: its own will be the last
+        await asyncio.gather(*[event.wait() for event in others])
+        sent = self._sent[stage]
+        if stage in self._stage_steps or microbatch in sent or len(sent) != self.config.microbatches - 1:
+            return None
+        group = self._step_group(stage)
+        if len(group) != 1 or any(record.peer not in group for record in sent.values()):
+            return None
+        return sorted(group)
+
+    async def _step_stage(self, stage: int,
+                          ride: asyncio.Future[tuple[str, StepReply | None]] | None = None) -> None:
+        """Apply this step's gradients on every replica of a stage, replaying any lost replica's share. With `ride`,
+        the stage's last backward carried the step: only if its peer did not apply it does the step call follow."""
+        if ride is not None:
+            peer, stepped = await ride
+            if stepped is not None:
+                self._known_step[peer] = stepped.step
+                self.grad_norms[stage] = stepped.grad_norm
+                return
         backoff = Backoff(0.1, 2.0)
         while True:
             sent = self._sent[stage]

@@ -223,6 +223,13 @@ def _session(meta: dict[str, Any]) -> str:
     return session
 
 
+def _group(meta: dict[str, Any], name: str) -> list[str]:
+    group = _field(meta, name, list)
+    if not group or not all(isinstance(p, str) and len(p) <= 128 for p in group) or len(group) > 1024:
+        raise ProtocolError(f"{name} must be a non-empty list of peer ids")
+    return group
+
+
 def _tensors(envelope: Envelope, count: int, what: str) -> list[torch.Tensor]:
     if len(envelope.tensors) != count:
         raise ProtocolError(f"{what} expects {count} tensor(s), got {len(envelope.tensors)}")
@@ -273,9 +280,14 @@ class BackwardRequest:
     hidden: torch.Tensor | None
     grad_output: torch.Tensor  # (B, T, C) gradient of the loss w.r.t. the stage output
     session: str = ""  # the trainer run; gradients a previous trainer left half-accumulated are dropped
+    # The stage's last backward of the step, when one peer did all of the stage's work: that peer, alone in the
+    # group, applies the step right after this backward, saving the step call's round trip. Any other peer ignores it.
+    step_group: list[str] | None = None
 
     def envelope(self) -> Envelope:
         meta = {"stage": self.stage, "step": self.step, "microbatch": self.microbatch, "session": self.session}
+        if self.step_group is not None:
+            meta["step_group"] = list(self.step_group)
         return Envelope(meta, [self.grad_output] if self.hidden is None else [self.hidden, self.grad_output])
 
     @classmethod
@@ -285,8 +297,9 @@ class BackwardRequest:
             hidden, (grad_output,) = None, envelope.tensors
         else:
             hidden, grad_output = _tensors(envelope, 2, "backward")
+        group = _group(meta, "step_group") if "step_group" in meta else None
         return cls(_counter(meta, "stage"), _counter(meta, "step"), _counter(meta, "microbatch", MAX_MICROBATCHES),
-                   hidden, grad_output, _session(meta))
+                   hidden, grad_output, _session(meta), group)
 
 
 @dataclass
@@ -304,10 +317,7 @@ class StepRequest:
     @classmethod
     def parse(cls, envelope: Envelope) -> StepRequest:
         meta = envelope.meta
-        group = _field(meta, "group", list)
-        if not group or not all(isinstance(p, str) for p in group) or len(group) > 1024:
-            raise ProtocolError("group must be a non-empty list of peer ids")
-        return cls(_counter(meta, "stage"), _counter(meta, "step"), group, _session(meta))
+        return cls(_counter(meta, "stage"), _counter(meta, "step"), _group(meta, "group"), _session(meta))
 
 
 @dataclass
@@ -321,6 +331,34 @@ class StepReply:
     @classmethod
     def parse(cls, envelope: Envelope) -> StepReply:
         return cls(_field(envelope.meta, "step", int), float(_field(envelope.meta, "grad_norm", (int, float))))
+
+
+@dataclass
+class BackwardReply:
+    grad_input: torch.Tensor  # (B, T, C) gradient of the loss w.r.t. the stage input
+    # With a request's step_group: the step this peer applied right after the backward, or why it did not (the
+    # caller then sends the step call as usual).
+    stepped: StepReply | None = None
+    step_refused: str | None = None
+
+    def envelope(self) -> Envelope:
+        meta: dict[str, Any] = {}
+        if self.stepped is not None:
+            meta["stepped"] = self.stepped.envelope().meta
+        if self.step_refused is not None:
+            meta["step_refused"] = self.step_refused[:500]
+        return Envelope(meta, [self.grad_input])
+
+    @classmethod
+    def parse(cls, envelope: Envelope) -> BackwardReply:
+        (grad_input,) = _tensors(envelope, 1, "backward reply")
+        stepped = envelope.meta.get("stepped")
+        try:
+            stepped = StepReply.parse(Envelope(stepped)) if isinstance(stepped, dict) else None
+        except ProtocolError:  # a malformed account of the step: the caller sends the step call, which is idempotent
+            stepped = None
+        refused = envelope.meta.get("step_refused")
+        return cls(grad_input, stepped, refused if isinstance(refused, str) else None)
 
 
 @dataclass

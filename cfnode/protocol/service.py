@@ -25,6 +25,7 @@ from cfnode.protocol.messages import (
     MAX_METADATA_BYTES,
     STATE_CHUNK_BYTES,
     TRUNCATED,
+    BackwardReply,
     BackwardRequest,
     Envelope,
     ForwardReply,
@@ -72,6 +73,7 @@ class StageBackend(Protocol):
     """What a stage peer implements; the service does the wire work around it."""
 
     spec: RunSpec
+    peer_id: str
     max_request_bytes: int  # activations and gradients
     max_copy_bytes: int  # a state copy to keep (put_copy)
 
@@ -179,8 +181,20 @@ class StageService(ServicerBase):
             if method == "forward":
                 reply = (await self.backend.forward(ForwardRequest.parse(envelope))).envelope()
             else:
-                reply = Envelope({}, [await self.backend.backward(BackwardRequest.parse(envelope))])
+                reply = (await self._backward(BackwardRequest.parse(envelope))).envelope()
         reply.meta["timing"] = _rounded(timing)
+        return reply
+
+    async def _backward(self, request: BackwardRequest) -> BackwardReply:
+        reply = BackwardReply(await self.backend.backward(request))
+        if request.step_group is not None and self.backend.peer_id in request.step_group:
+            # The step rides on the stage's last backward (see BackwardRequest.step_group). A refusal here fails
+            # only the step: the gradient is good, and the caller sends the step call, as it would have anyway.
+            try:
+                reply.stepped = await self.backend.apply_step(
+                    StepRequest(request.stage, request.step, request.step_group, request.session))
+            except RequestRefused as e:
+                reply.step_refused = f"{e.code}: {e}"
         return reply
 
     async def rpc_step(self, request: Request, context: P2PContext) -> Response:
@@ -366,9 +380,8 @@ class StageClient:
     async def forward(self, peer_id: str, request: ForwardRequest, timeout: float) -> ForwardReply:
         return ForwardReply.parse(await self._compute_call("forward", peer_id, request.envelope(), timeout))
 
-    async def backward(self, peer_id: str, request: BackwardRequest, timeout: float) -> torch.Tensor:
-        reply = await self._compute_call("backward", peer_id, request.envelope(), timeout)
-        return _single_tensor(reply, "backward")
+    async def backward(self, peer_id: str, request: BackwardRequest, timeout: float) -> BackwardReply:
+        return BackwardReply.parse(await self._compute_call("backward", peer_id, request.envelope(), timeout))
 
     async def step(self, peer_id: str, request: StepRequest, timeout: float) -> StepReply:
         return StepReply.parse(await self._unary("rpc_step", peer_id, request.envelope(), timeout))
@@ -408,9 +421,3 @@ REMOTE_TIMES = ("decode", "queue", "compute")  # what a stage reports of a forwa
 
 def _rounded(timing: dict[str, float]) -> dict[str, float]:
     return {kind: round(seconds, 6) for kind, seconds in timing.items()}
-
-
-def _single_tensor(envelope: Envelope, what: str) -> torch.Tensor:
-    if len(envelope.tensors) != 1:
-        raise ProtocolError(f"{what} reply must hold one tensor, got {len(envelope.tensors)}")
-    return envelope.tensors[0]

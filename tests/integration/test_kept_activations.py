@@ -25,7 +25,7 @@ async def exercise(maddr: str, spec) -> dict:
 
         async def backward(peer: str, mb: int, hidden: torch.Tensor | None, step: int = 0) -> torch.Tensor | str:
             try:
-                return await client.backward(peer, BackwardRequest(1, step, mb, hidden, grad), timeout=30)
+                return (await client.backward(peer, BackwardRequest(1, step, mb, hidden, grad), timeout=30)).grad_input
             except RemoteError as e:
                 return e.code
 

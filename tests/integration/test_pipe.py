@@ -16,6 +16,7 @@ from cfnode.node.runtime import connect
 from cfnode.node.swarm_map import read_stage_map
 from cfnode.protocol.messages import (
     BAD_REQUEST,
+    BackwardReply,
     BackwardRequest,
     ForwardRequest,
     ProtocolError,
@@ -57,8 +58,8 @@ async def exercise(maddr: str, spec) -> dict:
             return_exceptions=True)
         out["refused alone"] = [r.code if isinstance(r, RemoteError) else type(r).__name__ for r in results]
         recomputed = await streamed.backward(peer, BackwardRequest(1, 0, 3, inputs[0], grad), 30)
-        out["backward matches"] = torch.allclose(results[0], recomputed, atol=1e-6) \
-            if isinstance(results[0], torch.Tensor) else False
+        out["backward matches"] = torch.allclose(results[0].grad_input, recomputed.grad_input, atol=1e-6) \
+            if isinstance(results[0], BackwardReply) else False
 
         # A message the peer cannot attribute to a call gets an error reply without a call number, and the caller
         # drops that pipe: its calls in flight fail, and the next call opens a new pipe and works.
@@ -96,7 +97,7 @@ def test_pipe_calls_run_concurrently_and_fail_alone(swarm):
     assert out["forwards match"]
     assert out["one stream"]
     assert out["past the limit"]
-    assert out["refused alone"] == ["Tensor", BAD_REQUEST, "Tensor"]
+    assert out["refused alone"] == ["BackwardReply", BAD_REQUEST, "BackwardReply"]
     assert out["backward matches"]
     assert out["call after it"] in ("answered", "ProtocolError", "TruncatedStream")
     assert out["reopened"]

@@ -11,6 +11,7 @@ from cfnode.protocol.messages import (
     GROUP_FAILED,
     INTERNAL,
     MAX_METADATA_BYTES,
+    BackwardReply,
     BackwardRequest,
     Envelope,
     ForwardReply,
@@ -308,6 +309,26 @@ def test_backward_request_round_trip():
         assert parsed.hidden is None and torch.equal(parsed.grad_output, grad) and parsed.session == "s"
     with pytest.raises(ProtocolError, match="2 tensor"):
         BackwardRequest.parse(Envelope(request.envelope().meta, [grad, grad, grad]))
+    # The stage's last backward of the step carries its step group.
+    request = BackwardRequest(stage=1, step=0, microbatch=3, hidden=None, grad_output=grad, step_group=["QmA"])
+    for envelope in (request.envelope(), over_the_wire(request.envelope())):
+        assert BackwardRequest.parse(envelope).step_group == ["QmA"]
+    assert "step_group" not in BackwardRequest(1, 0, 3, None, grad).envelope().meta
+
+
+def test_backward_reply_round_trip():
+    grad = torch.randn(2, 5, 8)
+    for reply in (BackwardReply(grad), BackwardReply(grad, StepReply(4, 0.5)), BackwardReply(grad, None, "stale: x")):
+        for envelope in (reply.envelope(), over_the_wire(reply.envelope())):
+            parsed = BackwardReply.parse(envelope)
+            assert (parsed.stepped, parsed.step_refused) == (reply.stepped, reply.step_refused)
+            assert torch.equal(parsed.grad_input, grad)
+    # A malformed account of the step is no step: the caller then sends the step call, which is idempotent.
+    for stepped in ({"step": "4", "grad_norm": 0.5}, {"grad_norm": 0.5}, [4, 0.5], 4):
+        parsed = BackwardReply.parse(Envelope({"stepped": stepped, "step_refused": 7}, [grad]))
+        assert (parsed.stepped, parsed.step_refused) == (None, None)
+    with pytest.raises(ProtocolError, match="1 tensor"):
+        BackwardReply.parse(Envelope({}, [grad, grad]))
 
 
 def test_step_request_round_trip():
@@ -383,6 +404,10 @@ T = torch.zeros(1, 1, 4)
         (StepRequest, Envelope({"stage": 1, "step": 0, "group": ["QmA", 5]}), "group"),
         (StepRequest, Envelope({"stage": 1, "step": 0, "group": ["p"] * 1025}), "group"),
         (StepRequest, Envelope({"stage": 1, "step": False, "group": ["a"]}), "step"),
+        (StepRequest, Envelope({"stage": 1, "step": 0, "group": ["p" * 129]}), "group"),
+        (BackwardRequest, Envelope({**FORWARD_META, "step_group": []}, [T, T]), "step_group"),
+        (BackwardRequest, Envelope({**FORWARD_META, "step_group": "QmA"}, [T, T]), "step_group"),
+        (BackwardRequest, Envelope({**FORWARD_META, "step_group": [None]}, [T, T]), "step_group"),
         (StepReply, Envelope({"step": 0, "grad_norm": "1.0"}), "grad_norm"),
         (StepReply, Envelope({"step": 0, "grad_norm": True}), "grad_norm"),
         (StepReply, Envelope({"step": 0.5, "grad_norm": 1.0}), "step"),
