@@ -11,7 +11,7 @@ from cfnode.node.runtime import connect
 from cfnode.node.swarm_map import read_stage_map
 from cfnode.protocol.messages import BackwardRequest, StepRequest
 from cfnode.protocol.service import StageClient
-from tests.integration.harness import network
+from tests.integration.harness import Swarm, network
 
 
 async def step_alone_and_in_group(maddr: str, spec) -> tuple[list, list]:
@@ -33,7 +33,7 @@ async def step_alone_and_in_group(maddr: str, spec) -> tuple[list, list]:
         return states[0].tensors, states[1].tensors
 
 
-def test_a_replica_alone_in_its_step_group_applies_the_grouped_update(swarm):
+def start_three_replicas(swarm: Swarm) -> None:
     swarm.spec = swarm.spec.replace(num_stages=1)
     swarm.start_bootstrap()
     swarm.start_peer(1)
@@ -41,6 +41,10 @@ def test_a_replica_alone_in_its_step_group_applies_the_grouped_update(swarm):
     for _ in range(2):  # replicas copy the first peer exactly
         swarm.start_peer(1)
     swarm.wait_online({1: 3})
+
+
+def test_a_replica_alone_in_its_step_group_applies_the_grouped_update(swarm):
+    start_three_replicas(swarm)
     alone, grouped = asyncio.run(step_alone_and_in_group(swarm.maddr, swarm.spec))
     assert len(alone) == len(grouped)
     for a, b in zip(alone, grouped):  # weights and AdamW moments
@@ -71,13 +75,7 @@ async def step_called_and_ridden(maddr: str, spec) -> dict:
 
 
 def test_a_step_riding_on_the_last_backward_applies_the_step_calls_update(swarm):
-    swarm.spec = swarm.spec.replace(num_stages=1)
-    swarm.start_bootstrap()
-    swarm.start_peer(1)
-    swarm.wait_online({1: 1})
-    for _ in range(2):  # replicas copy the first peer exactly
-        swarm.start_peer(1)
-    swarm.wait_online({1: 3})
+    start_three_replicas(swarm)
     out = asyncio.run(step_called_and_ridden(swarm.maddr, swarm.spec))
     assert out["plain reply"] == (None, None)
     ridden, retried, bystander = out["ridden"], out["retried"], out["bystander"]
