@@ -5,7 +5,10 @@ failure-free run of the same swarm, seed and data.
     python benchmarks/chaos.py --steps 300 --out docs/chaos.json
 
 It checks what must hold and exits non-zero if anything does not: the run completes every step, every stage_lost
-has a matching stage_recovered, and no process or p2p daemon is left behind. It prints both runs side by side.
+has a matching stage_recovered, no stage step summed a microbatch twice or missed one (no step_mismatch, and the
+trainer checked the ledger of its stage steps), and no process or p2p daemon is left behind. It prints both runs
+side by side: kills, newcomers, lost and recovered stages, replayed microbatches, refused and restarted stage steps,
+step mismatches and ledger checks among them.
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ def main() -> int:
             problems.append(f"{label}: the trainer exited {result.exit_code} after {summary['steps']} steps")
         if summary["unmatched_losses"]:
             problems.append(f"{label}: stage_lost without stage_recovered: {result.unmatched_losses()}")
+        if summary["step_mismatches"]:
+            mismatches = [e for e in result.events if e["event"] == "step_mismatch"]
+            problems.append(f"{label}: {summary['step_mismatches']} stage steps summed the wrong microbatches: "
+                            f"{mismatches}")
+        if summary["steps"] and not summary["ledger_checks"]:
+            problems.append(f"{label}: the trainer reported no ledger check")
         if result.leftover_groups:
             problems.append(f"{label}: process groups left behind: {result.leftover_groups}")
     if args.out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -121,15 +122,51 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), envvar="CFNODE_CONFIG",
               help="Run spec as YAML, TOML or JSON (keys: num_stages, layers_per_stage, hidden_size, ...).")
 @click.option("--maddr-file", type=click.Path(dir_okay=False), help="Write the bootstrap's multiaddr here.")
-def bootstrap(config_path: str | None, maddr_file: str | None, **kw: Any) -> None:
+@click.option("--trainer", "trainers", multiple=True, metavar="FILE", envvar="CFNODE_TRAINERS",
+              help="A trainer this run authorises: its identity file (created if missing; start that trainer with "
+                   "--identity FILE) or a file with its public key line. Repeatable; at least one is needed. "
+                   "Env: CFNODE_TRAINERS (space-separated).")
+def bootstrap(config_path: str | None, maddr_file: str | None, trainers: tuple[str, ...], **kw: Any) -> None:
     """Start the DHT entry point and publish the run spec."""
     from cfnode.bootstrap.server import run_bootstrap
     from cfnode.node.runtime import run_role
+    from cfnode.protocol.trust import read_trainer_key
 
     network = _network(kw, require_peers=False)
     spec = _run("bootstrap", lambda: RunSpec.from_file(config_path) if config_path else RunSpec())
-    spec = spec.replace(run_id=network.run_id)
+    keys = _run("bootstrap", lambda: tuple(dict.fromkeys([*spec.trainer_keys, *map(read_trainer_key, trainers)])))
+    if not keys:
+        _run("bootstrap", lambda: _fail("name the run's trainer with --trainer FILE (its identity file, created if "
+                                        "missing): stage peers take training calls only from the trainers the run "
+                                        "spec names"))
+    spec = _run("bootstrap", lambda: spec.replace(run_id=network.run_id, trainer_keys=keys))
     _run("bootstrap", lambda: run_role(lambda: run_bootstrap(network, spec, maddr_file)))
+
+
+class SecondsOrForever(click.ParamType):
+    """A positive number of seconds, or `forever` (infinity)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        if str(value).strip().lower() in ("forever", "inf", "infinity"):
+            return math.inf
+        try:
+            seconds = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number of seconds nor 'forever'", param, ctx)
+        if not (math.isfinite(seconds) and seconds > 0):
+            self.fail(f"must be a positive number of seconds or 'forever', got {value!r}", param, ctx)
+        return seconds
+
+
+SECONDS_OR_FOREVER = SecondsOrForever()
+
+
+def _fail(message: str) -> None:
+    raise ConfigError(message)
 
 
 def _parse_stage(value: str) -> int | None:
@@ -218,8 +255,10 @@ def _check_device(device: str) -> None:
               help="Validation loss every N steps (0: only at the end).")
 @click.option("--request-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds per forward, backward or step call before trying another replica.")
-@click.option("--stage-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
-              help="Seconds to wait for a stage with no peer before giving up.")
+@click.option("--stage-timeout", type=SECONDS_OR_FOREVER, default="300", show_default=True, metavar="SECONDS|forever",
+              envvar="CFNODE_STAGE_TIMEOUT",
+              help="How long to wait for a stage with no usable peer (at start, or lost mid-run) before giving up; "
+                   "'forever' waits as long as it takes. The wait is logged every 30 s.")
 @click.option("--ban-seconds", type=click.FloatRange(min=0), default=15.0, show_default=True,
               help="Seconds a peer whose call failed is skipped.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
@@ -257,6 +296,22 @@ def train(steps: int, data_path: str | None, batch_size: int, microbatches: int,
     summary = _run("train", lambda: run_role(lambda: run_train(config)))
     click.echo(f"trained to step {summary['final_step']}: loss {summary['loss']:.4f}"
                + (f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""))
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+def identity(path: str) -> None:
+    """Print the peer id and public key of the identity file PATH (created if missing).
+
+    A trainer on another machine runs this and hands the public key line, saved to a file, to the bootstrap's
+    operator for `cfnode bootstrap --trainer FILE`; the trainer itself then starts with `--identity PATH`.
+    """
+    from cfnode.protocol.identity import create_identity, load_identity
+    from cfnode.protocol.trust import public_key_line
+
+    loaded = _run("identity", lambda: load_identity(path) if Path(path).exists() else create_identity(path))
+    click.echo(f"peer id: {loaded.peer_id.to_base58()}")
+    click.echo(public_key_line(loaded))
 
 
 @main.command()

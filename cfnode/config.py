@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 try:
     import tomllib
@@ -21,10 +24,20 @@ RECOVERY_MODES = ("none", "checkfree", "checkfree+", "uniform", "copy", "random"
 MAX_MICROBATCHES = 1024  # per step: a peer keeps one input gradient per microbatch until the step
 WIRE_DTYPES = ("float32", "bfloat16")  # how activations and their gradients travel between trainer and stages
 MAX_STAGES = 256  # body stages a run may have; DHT validators know every stage key up to it
+MAX_TRAINER_KEYS = 16
 
 
 class ConfigError(ValueError):
     """A run spec or flag value that cannot be used; the message says why."""
+
+
+def _is_rsa_public_key(value: Any) -> bool:
+    if not isinstance(value, str) or not value.startswith("ssh-rsa ") or len(value) > 2048:
+        return False
+    try:
+        return isinstance(serialization.load_ssh_public_key(value.encode()), rsa.RSAPublicKey)
+    except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm):
+        return False
 
 
 def _is_number(value: Any) -> bool:
@@ -60,6 +73,10 @@ class RunSpec:
     refit_cache: int = 16
     refit_steps: int = 200
     refit_lr: float = 1e-3
+    # Who may drive training: the OpenSSH-format RSA public keys of the trainers this run authorises (the bootstrap's
+    # --trainer). Stage peers take training calls and head copies only from these peers, and newcomers trust only
+    # their records and the step proofs they signed (cfnode/protocol/trust.py).
+    trainer_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         positive_ints = ("num_stages", "layers_per_stage", "hidden_size", "num_heads", "seq_len", "vocab_size")
@@ -97,6 +114,10 @@ class RunSpec:
             raise ConfigError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}; got {self.wire_dtype!r}")
         if self.recovery not in RECOVERY_MODES:
             raise ConfigError(f"recovery must be one of {', '.join(RECOVERY_MODES)}; got {self.recovery!r}")
+        keys = self.trainer_keys
+        if not isinstance(keys, tuple) or len(keys) > MAX_TRAINER_KEYS or not all(map(_is_rsa_public_key, keys)):
+            raise ConfigError(f"trainer_keys must be at most {MAX_TRAINER_KEYS} OpenSSH RSA public keys "
+                              "('ssh-rsa AAAA...')")
         plain_run_id = isinstance(self.run_id, str) and self.run_id.replace("-", "").replace("_", "").isalnum()
         if not plain_run_id:
             raise ConfigError(f"run_id must be a non-empty name of letters, digits, '-' and '_', got {self.run_id!r}")
@@ -126,6 +147,8 @@ class RunSpec:
             # TOML and YAML give ints where floats are meant ("lr: 1"); accept them.
             if known[name].type == "float" and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if name == "trainer_keys" and isinstance(value, list):  # JSON, YAML and msgpack give lists
+                value = tuple(value)
             values[name] = value
         return cls(**values)
 

@@ -133,6 +133,8 @@ class LocalSwarm:
         # Churn follows the trainer's step events, so it needs them in a file even if the user asked for none.
         self.events_path = Path(layout.log_jsonl) if layout.log_jsonl else (
             self.workdir / "events.jsonl" if churning else None)
+        # The run's one trainer: the bootstrap creates this identity file and names it in the signed run spec.
+        self.trainer_identity = self.workdir / "trainer.key"
 
     def _record(self, child: Child) -> None:
         """Track a child; processes.json lists every process group this swarm started, for inspection."""
@@ -146,7 +148,8 @@ class LocalSwarm:
         maddr_path = self.workdir / "bootstrap.maddr"
         maddr_path.unlink(missing_ok=True)
         bootstrap = spawn("bootstrap", ["bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path),
-                                        "--run-id", self.layout.spec.run_id, "--log-level", self.layout.log_level],
+                                        "--trainer", str(self.trainer_identity), "--run-id", self.layout.spec.run_id,
+                                        "--log-level", self.layout.log_level],
                           self.workdir / "bootstrap.log")
         self._record(bootstrap)
         self.maddr = wait_for_maddr(maddr_path, bootstrap, timeout=60)
@@ -203,7 +206,8 @@ class LocalSwarm:
 
     def train_command(self) -> list[str]:
         layout = self.layout
-        args = ["train", "--initial-peers", self.maddr, "--steps", str(layout.steps),
+        args = ["train", "--initial-peers", self.maddr, "--identity", str(self.trainer_identity), "--steps",
+                str(layout.steps),
                 "--batch-size", str(layout.batch_size), "--microbatches", str(layout.microbatches),
                 "--run-id", layout.spec.run_id, "--log-level", layout.log_level, "--threads", str(self.threads)]
         if layout.data_path:

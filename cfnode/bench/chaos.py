@@ -5,6 +5,10 @@ The bootstrap comes back the way a supervisor would bring it back: same identity
 every process knows stays valid; the run spec it signed is still on the other DHT nodes meanwhile. Newcomers that
 start while it is down fail to connect and are started again, as a volunteer's restart loop would.
 
+`ChaosResult.summary` counts what happened: the chaos's kills and newcomers, and from the trainer's events the lost
+and recovered stages (each stage_lost matched by a stage_recovered), replayed microbatches, refused and restarted stage
+steps, step mismatches (must be 0) and the ledger checks its train_finished event reports.
+
 `run_chaos` is shared by `benchmarks/chaos.py` (a long run beside a failure-free one) and the test suite (short).
 """
 
@@ -77,20 +81,44 @@ class ChaosResult:
                 open_losses[event["stage"]].pop(0)
         return [e for losses in open_losses.values() for e in losses]
 
+    def event_count(self, name: str) -> int:
+        return sum(e["event"] == name for e in self.events)
+
+    @property
+    def ledger_checks(self) -> int:
+        """Stage steps whose summed microbatches the trainer checked and found exact, from its train_finished
+        events (one per trainer run; a run that did not finish reports none)."""
+        return sum(e.get("ledger_checks", 0) for e in self.events if e["event"] == "train_finished")
+
+    @property
+    def step_mismatches(self) -> int:
+        """Stage steps that summed a microbatch twice or missed one: the step_mismatch events, or the count a
+        train_finished reports if that is higher. Must be 0."""
+        reported = sum(e.get("step_mismatches", 0) for e in self.events if e["event"] == "train_finished")
+        return max(self.event_count("step_mismatch"), reported)
+
     def summary(self) -> dict[str, Any]:
         counts = Counter(a["action"] for a in self.actions)
         recovered = [e for e in self.events if e["event"] == "stage_recovered"]
         downtimes = [e["downtime"] for e in recovered]
+        lost = self.event_count("stage_lost")
+        unmatched = len(self.unmatched_losses())
         return {
             "exit_code": self.exit_code, "steps": len(self.steps), "wall_seconds": round(self.wall_seconds, 1),
             "final_loss": self.final_loss, "final_val_loss": self.final_val_loss,
             "peers_killed": counts["kill_peer"], "bootstrap_kills": counts["kill_bootstrap"],
             "newcomers": counts["join"], "failed_joins": counts["join_failed"],
-            "stage_lost": sum(e["event"] == "stage_lost" for e in self.events), "stage_recovered": len(recovered),
-            "unmatched_losses": len(self.unmatched_losses()),
+            "stage_lost": lost, "stage_recovered": len(recovered),
+            "losses_matched": lost - unmatched, "unmatched_losses": unmatched,
             "recovery_sources": dict(Counter(e["source"] for e in recovered)),
             "mean_downtime": round(sum(downtimes) / len(downtimes), 2) if downtimes else None,
-            "peer_failures": sum(e["event"] == "peer_failed" for e in self.events),
+            "peer_failures": self.event_count("peer_failed"),
+            "microbatches_replayed": self.event_count("microbatch_replayed"),
+            "replicas_left_out": self.event_count("replica_left_out"),
+            "ledger_refused": self.event_count("ledger_refused"),
+            "stage_steps_restarted": self.event_count("stage_step_restarted"),
+            "step_mismatches": self.step_mismatches,
+            "ledger_checks": self.ledger_checks,
             "leftover_process_groups": len(self.leftover_groups),
         }
 
@@ -137,7 +165,8 @@ class ChaosSwarm:
         name = f"bootstrap-{sum(c.name.startswith('bootstrap') for c in self.children)}"
         self.bootstrap = self._spawn(name, [
             "bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path), "--port", str(self.port),
-            "--identity", str(self.workdir / "bootstrap.key"), "--run-id", self.config.spec.run_id])
+            "--identity", str(self.workdir / "bootstrap.key"), "--trainer", str(self.workdir / "trainer.key"),
+            "--run-id", self.config.spec.run_id])
         self.maddr = wait_for_maddr(maddr_path, self.bootstrap, timeout=60)
 
     def start_peer(self, stage: int | str) -> Child:
@@ -159,7 +188,8 @@ class ChaosSwarm:
             for stage in range(1, config.spec.num_stages + 1):
                 for _ in range(config.replicas):
                     self.start_peer(stage)
-            args = ["train", "--initial-peers", self.maddr, "--steps", str(config.steps),
+            args = ["train", "--initial-peers", self.maddr, "--identity", str(self.workdir / "trainer.key"),
+                    "--steps", str(config.steps),
                     "--batch-size", str(config.batch_size), "--microbatches", str(config.microbatches),
                     "--run-id", config.spec.run_id, "--log-jsonl", str(events_path), "--seed", str(config.seed),
                     "--request-timeout", "10", "--ban-seconds", "3", "--eval-every", "10"]

@@ -8,9 +8,10 @@ import contextlib
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import JoinConfig
+from cfnode.node.discovery import live_stage_map, pick_stage
 from cfnode.node.metrics import PeerMetrics, serving
 from cfnode.node.runtime import connect, wait_forever
-from cfnode.node.stage_peer import StagePeer, live_stage_map, pick_stage
+from cfnode.node.stage_peer import StagePeer
 from cfnode.node.swarm_map import read_spec
 from cfnode.node.trace import ComputeTrace
 from cfnode.protocol.records import PeerState
@@ -22,7 +23,7 @@ logger = get_logger(__name__)
 async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> None:
     async with connect(config.network) as (dht, p2p, identity):
         spec = await read_spec(dht, config.network)
-        client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype)
+        client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype, spec=spec)
         stage = await pick_stage(config, dht, spec, client)
         trace = ComputeTrace(config.trace_dir, stage, identity.peer_id.to_base58()) if config.trace_dir else None
         peer = StagePeer(spec, stage, identity, dht, client, config.device, config.request_timeout,

@@ -32,6 +32,9 @@ T = TypeVar("T")
 # Seconds: a tiny CPU stage answers in milliseconds, a big one on a slow link in tens of seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TRAINER_RPC_KINDS = ("forward", "backward", "step")
+# Trainer events counted by kind in cfnode_trainer_failures; a step_mismatch (a microbatch summed twice or missed) is
+# one of them, so it shows on every dashboard, never silently.
+FAILURE_EVENTS = ("peer_failed", "stage_lost", "ledger_refused", "step_mismatch")
 
 
 class TrainerMetrics:
@@ -48,7 +51,8 @@ class TrainerMetrics:
         self.tokens = Counter("cfnode_trainer_tokens", "Tokens trained on", registry=r)
         self.rpc_seconds = Histogram("cfnode_trainer_rpc_seconds", "Latency of the trainer's calls to stage peers",
                                      ["kind"], buckets=LATENCY_BUCKETS, registry=r)
-        self.failures = Counter("cfnode_trainer_failures", "Failed peers and lost stages", ["kind"], registry=r)
+        self.failures = Counter("cfnode_trainer_failures", "Failed peers, lost stages, refused and mismatched step "
+                                "ledgers", ["kind"], registry=r)
         self.recoveries = Counter("cfnode_trainer_recoveries", "Lost stages that answered again, by weight source",
                                   ["source"], registry=r)
         self.downtime = Gauge("cfnode_trainer_last_stage_downtime_seconds",
@@ -57,7 +61,7 @@ class TrainerMetrics:
         self.val_loss.set(float("nan"))
         for kind in TRAINER_RPC_KINDS:
             self.rpc_seconds.labels(kind)
-        for kind in ("peer_failed", "stage_lost"):
+        for kind in FAILURE_EVENTS:
             self.failures.labels(kind)
 
     def on_event(self, event: str, fields: dict[str, Any]) -> None:
@@ -69,7 +73,7 @@ class TrainerMetrics:
             self.tokens.inc(fields["tokens"])
             if fields.get("val_loss") is not None:
                 self.val_loss.set(fields["val_loss"])
-        elif event in ("peer_failed", "stage_lost"):
+        elif event in FAILURE_EVENTS:
             self.failures.labels(event).inc()
         elif event == "stage_recovered":
             self.recoveries.labels(str(fields.get("source", "unknown"))).inc()
@@ -168,8 +172,8 @@ class InstrumentedBackend:
     async def export_grads(self, request):
         return await self._metrics.handle("fetch_grads", self._backend.export_grads(request))
 
-    async def keep_copy(self, state):
-        return await self._metrics.handle("put_copy", self._backend.keep_copy(state))
+    async def keep_copy(self, state, sender):
+        return await self._metrics.handle("put_copy", self._backend.keep_copy(state, sender))
 
     async def export_copy(self, request):
         return await self._metrics.handle("get_copy", self._backend.export_copy(request))

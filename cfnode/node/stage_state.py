@@ -19,21 +19,22 @@ def make_optimizer(model: torch.nn.Module, spec: RunSpec, lr: float | None = Non
 
 
 def snapshot(stage: int, step: int, grad_norm: float | None, model: BodyStage,
-             optimizer: torch.optim.Optimizer, weights_only: bool = False) -> StateSnapshot:
-    """A copy of everything a replica needs to continue exactly where this one is (or just the weights)."""
+             optimizer: torch.optim.Optimizer, weights_only: bool = False, step_proof: str = "") -> StateSnapshot:
+    """A copy of everything a replica needs to continue exactly where this one is (or just the weights), with the
+    trainer's proof of its step."""
     names, tensors = [], []
     for name, tensor in model.state_dict().items():
         names.append(f"model.{name}")
         tensors.append(tensor.detach().to("cpu", copy=True))
     if weights_only:
-        return StateSnapshot(stage, step, grad_norm, names, tensors, [])
+        return StateSnapshot(stage, step, grad_norm, names, tensors, [], step_proof)
     optim_state = optimizer.state_dict()
     for index, per_param in optim_state["state"].items():
         for key, value in per_param.items():
             names.append(f"optim.{index}.{key}")
             tensors.append(torch.as_tensor(value).detach().to("cpu", copy=True))
     groups = [_plain(group) for group in optim_state["param_groups"]]
-    return StateSnapshot(stage, step, grad_norm, names, tensors, groups)
+    return StateSnapshot(stage, step, grad_norm, names, tensors, groups, step_proof)
 
 
 def load_snapshot(state: StateSnapshot, model: BodyStage, optimizer: torch.optim.Optimizer) -> None:

@@ -15,6 +15,7 @@ from cfnode.config import NetworkConfig, RunSpec
 from cfnode.protocol.identity import owner_peer_id
 from cfnode.protocol.keys import spec_key, stage_key, trainer_key
 from cfnode.protocol.records import PeerState, RecordError, StageAnnouncement, TrainerAnnouncement, spec_from_wire
+from cfnode.protocol.trust import is_trainer, step_proven
 
 logger = get_logger(__name__)
 
@@ -70,9 +71,14 @@ async def read_stage_map(dht: hivemind.DHT, spec: RunSpec) -> StageMap:
 
 
 async def read_trainers(dht: hivemind.DHT, spec: RunSpec) -> list[TrainerAnnouncement]:
-    """The trainers announcing cached activations (normally one), most recently announced first."""
+    """The trainers announcing cached activations (normally one), most recently announced first. Only trainers the
+    run spec authorises count: a record anyone else signed is skipped (protocol/trust.py)."""
     found = await dht.get(trainer_key(spec.run_id), latest=True, return_future=True)
-    return sorted(owned_records(found, TrainerAnnouncement.from_wire), key=lambda t: -t.announced_at)
+    records = owned_records(found, TrainerAnnouncement.from_wire)
+    for record in records:
+        if not is_trainer(spec, record.peer_id):
+            logger.warning(f"ignoring a trainer record of {record.peer_id}: the run spec does not authorise it")
+    return sorted((r for r in records if is_trainer(spec, r.peer_id)), key=lambda t: -t.announced_at)
 
 
 def owned_records(found: Any, parse: Callable[[Any], R]) -> list[R]:
@@ -120,6 +126,8 @@ def online(peers: list[StageAnnouncement]) -> list[StageAnnouncement]:
     return [p for p in peers if p.state == PeerState.ONLINE]
 
 
-def swarm_step(stage_map: StageMap) -> int:
-    """The step the swarm is at: the highest step any online peer reports."""
-    return max((p.step for peers in stage_map.values() for p in online(peers)), default=0)
+def swarm_step(stage_map: StageMap, spec: RunSpec) -> int:
+    """The step the swarm is at: the highest step an online peer reports with a proof that a trainer of the run
+    signed it (protocol/trust.py). An unproven claim is ignored, so no forged record moves a trainer's step."""
+    proven = [p.step for peers in stage_map.values() for p in online(peers) if step_proven(spec, p.step, p.step_proof)]
+    return max(proven, default=0)

@@ -17,7 +17,6 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TypeVar
 
 import hivemind
@@ -33,28 +32,30 @@ from cfnode.node.events import EventLog
 from cfnode.node.metrics import TrainerMetrics, serving
 from cfnode.node.routing import Backoff, Router, StageUnavailable
 from cfnode.node.stage_state import load_snapshot, load_state_file, save_state_file, snapshot
+from cfnode.node.step_book import SentBackward, StepBook
+from cfnode.node.stepping import Stepping
 from cfnode.node.swarm_map import swarm_step
 from cfnode.protocol.identity import Identity
 from cfnode.protocol.keys import trainer_key
 from cfnode.protocol.messages import (
     BAD_REQUEST,
-    GROUP_FAILED,
     NO_ACTIVATIONS,
     NOT_READY,
     STALE,
     TRUNCATED,
+    UNAUTHORISED,
     BackwardRequest,
     ForwardRequest,
     ProtocolError,
     RemoteError,
     StageRequest,
     StepReply,
-    StepRequest,
     TruncatedStream,
 )
 from cfnode.protocol.records import TrainerAnnouncement
 from cfnode.protocol.service import RequestRefused, StageClient, TrainerService
 from cfnode.protocol.timing import add_time, collecting, run_timed, timed
+from cfnode.protocol.trust import is_trainer, sign_step
 from cfnode.protocol.validation import validate_hidden
 from cfnode.recovery.refit import ActivationCache
 from cfnode.recovery.schedule import microbatch_routes
@@ -63,22 +64,14 @@ logger = get_logger(__name__)
 T = TypeVar("T")
 
 REFUSAL_BAN_SECONDS = 1.0  # a stale or joining peer is usable again once it has caught up
+STILL_WAITING_EVERY = 30.0  # seconds between log lines while a lost stage is awaited
 
 
 class TrainerError(RuntimeError):
     pass
 
 
-@dataclass
-class SentBackward:
-    """A backward call that a stage accepted this step: enough to replay it on another replica."""
-
-    peer: str
-    hidden: torch.Tensor
-    grad_output: torch.Tensor
-
-
-class Trainer:
+class Trainer(Stepping):
     def __init__(self, config: TrainConfig, spec: RunSpec, dht: hivemind.DHT, p2p: P2P, dataset: TextDataset,
                  identity: Identity | None = None):
         self.config, self.spec = config, spec
@@ -89,23 +82,26 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
                                            betas=(0.9, 0.95))
         self.router = Router(dht, spec, config.ban_seconds)
-        self.client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype, pipe=config.pipe)
+        self.client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype, pipe=config.pipe, spec=spec)
         self.p2p_peer_id = p2p.peer_id.to_base58()
         self.events = EventLog(config.log_jsonl)
         self.metrics = TrainerMetrics()
         self.events.listeners.append(self.metrics.on_event)
         self.step = 0
         self.grad_norms: dict[int, float] = {}
-        self._sent: dict[int, dict[int, SentBackward]] = {}  # stage -> microbatch -> accepted backward
+        self.session = secrets.token_hex(8)  # tells stage peers which trainer's gradients they accumulate
+        self.book = StepBook(self.session, spec.num_stages, config.microbatches)  # who holds which gradient
+        self.ledger_checks = 0  # stage steps whose summed microbatches were checked and found exact
+        self._step_proof = ""  # this trainer's signature of the step being applied (protocol/trust.py)
         self._backwards_in_flight: dict[int, dict[int, asyncio.Event]] = {}  # stage -> microbatch -> set when done
         self._known_step: dict[str, int] = {}  # peer -> step it confirmed (fresher than its announcement)
         self._lost_since: dict[int, float] = {}  # stage -> when it was found without a usable peer
+        self._lost_logged: dict[int, float] = {}  # stage -> when its wait was last logged
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="trainer-compute")
         self._stepping: asyncio.Future | None = None  # the step in progress, microbatches to applied
         self._stage_steps: dict[int, asyncio.Future] = {}  # stage -> applying this step there, once started
         # Each stage's last refit_cache (input, output) microbatch pairs, for a newcomer that rebuilds it to refit.
         self.activations = ActivationCache(spec.refit_cache)
-        self.session = secrets.token_hex(8)  # tells stage peers which trainer's gradients they accumulate
 
     # --- the run -------------------------------------------------------------------------------------------
 
@@ -113,8 +109,9 @@ class Trainer:
         refresher = asyncio.create_task(self.router.refresh_forever())
         announcer = asyncio.create_task(self._announce_forever()) if self.spec.refit_cache and self.identity else None
         try:
+            self._check_authorised()
             await self._wait_for_all_stages()
-            self.step = swarm_step(self.router.stage_map)
+            self.step = swarm_step(self.router.stage_map, self.spec)
             if self.step > 0:
                 await self._restore_head()
             first_step, last_loss, val_loss = self.step, float("nan"), None
@@ -141,7 +138,8 @@ class Trainer:
                 self.events.emit("step", **record)
                 logger.info(f"step {done}/{self.config.steps} (swarm step {self.step}) | loss {last_loss:.4f} | "
                             f"{tokens / elapsed:,.0f} tok/s{val_text}")
-            summary = dict(final_step=self.step, loss=last_loss, val_loss=val_loss, events=dict(self.events.counts))
+            summary = dict(final_step=self.step, loss=last_loss, val_loss=val_loss, ledger_checks=self.ledger_checks,
+                           step_mismatches=self.events.counts.get("step_mismatch", 0), events=dict(self.events.counts))
             self.events.emit("train_finished", **{k: v for k, v in summary.items() if k != "events"})
             return summary
         finally:
@@ -174,7 +172,9 @@ class Trainer:
 
     async def _run_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
         """The microbatches of one step, then the step applied at every stage and the head."""
-        self._sent = {s: {} for s in range(1, self.spec.num_stages + 1)}
+        self.book.start()
+        if self.identity is not None:
+            self._step_proof = sign_step(self.identity, self.spec.run_id, self.step + 1)
         self._backwards_in_flight = {s: {} for s in range(1, self.spec.num_stages + 1)}
         self._stage_steps = {}
         chunks = zip(inputs.chunk(self.config.microbatches), targets.chunk(self.config.microbatches))
@@ -191,12 +191,6 @@ class Trainer:
             await asyncio.gather(*self._stage_steps.values(), self._compute(self._step_head))
         self.step += 1
         return losses
-
-    def _backward_done(self, stage: int) -> None:
-        """A stage's last backward of the step is in: it applies the step while the stages before it still work
-        on theirs (the last microbatch's backward passes through them after it)."""
-        if len(self._sent[stage]) == self.config.microbatches and stage not in self._stage_steps:
-            self._stage_steps[stage] = asyncio.ensure_future(self._step_stage(stage))
 
     async def evaluate(self) -> float:
         losses = []
@@ -238,7 +232,7 @@ class Trainer:
                 raise
             finally:
                 done.set()
-            self._sent[stage][index] = SentBackward(peer, hidden_in, grad)
+            self.book[stage].sent[index] = SentBackward(peer, hidden_in, grad)
             if ride is not None:
                 ride.set_result((peer, stepped))
             self._backward_done(stage)
@@ -258,15 +252,21 @@ class Trainer:
         return await self._call(stage, "forward", call)
 
     async def _backward(self, stage: int, microbatch: int, hidden: torch.Tensor, grad_output: torch.Tensor,
-                        kept_by: str | None = None,
-                        step_group: list[str] | None = None) -> tuple[str, tuple[torch.Tensor, StepReply | None]]:
+                        kept_by: str | None = None, step_group: list[str] | None = None,
+                        avoid: set[str] = frozenset()) -> tuple[str, tuple[torch.Tensor, StepReply | None]]:
         """(peer, (input gradient, the step it applied along with the backward, if asked to in step_group)).
         The peer that kept this microbatch's forward activations gets only the gradient. Any other peer (a retry
-        elsewhere, a replay), or one that has dropped them since, gets the input to recompute from."""
-        with_input = BackwardRequest(stage, self.step, microbatch, hidden, grad_output, self.session, step_group)
-        without_input = BackwardRequest(stage, self.step, microbatch, None, grad_output, self.session, step_group)
+        elsewhere, a replay), or one that has dropped them since, gets the input to recompute from. `avoid`: replicas
+        not to send it to (tainted ones, for a replay)."""
+        session = self.book.session(stage)
+        ledger = {step_group[0]: list(range(self.config.microbatches))} if step_group else None
+        with_input = BackwardRequest(stage, self.step, microbatch, hidden, grad_output, session, step_group, ledger,
+                                     self._step_proof)
+        without_input = BackwardRequest(stage, self.step, microbatch, None, grad_output, session, step_group, ledger,
+                                        self._step_proof)
 
         async def call(peer: str) -> tuple[torch.Tensor, StepReply | None]:
+            self.book.tried(stage, microbatch, peer)  # from now on the peer may hold this gradient
             if peer == kept_by:
                 try:
                     reply = await self.client.backward(peer, without_input, self.config.request_timeout)
@@ -281,7 +281,7 @@ class Trainer:
                              f"{reply.step_refused}")
             return self._check_reply(reply.grad_input, hidden.shape, "input gradient", stage), reply.stepped
 
-        return await self._call(stage, "backward", call)
+        return await self._call(stage, "backward", call, avoid)
 
     def _check_reply(self, tensor: torch.Tensor, shape: torch.Size, what: str, stage: int) -> torch.Tensor:
         """A reply with the wrong shape or NaN / Inf is a failure of that peer: the call moves to another."""
@@ -290,97 +290,18 @@ class Trainer:
             raise ProtocolError(f"stage {stage} {what} has shape {tuple(checked.shape)}, expected {tuple(shape)}")
         return checked
 
-    # --- stepping ------------------------------------------------------------------------------------------
-
-    async def _step_rides_on(self, stage: int, microbatch: int) -> list[str] | None:
-        """The step group to send with this backward, if it is the stage's last of the step and one peer is the whole
-        group: that peer applies the step right after it, and no step call waits a round trip for the reply.
-        If the stage's other backwards are all sent but some are still running, this waits for them: they are ahead
-        of this one in the peer's queue anyway, and only once they are in is the group known."""
-        others = [event for mb, event in self._backwards_in_flight[stage].items() if mb != microbatch]
-        if len(others) != self.config.microbatches - 1:
-            return None  # some microbatch has not reached this stage's backward yet: its own will be the last
-        await asyncio.gather(*[event.wait() for event in others])
-        sent = self._sent[stage]
-        if stage in self._stage_steps or microbatch in sent or len(sent) != self.config.microbatches - 1:
-            return None
-        group = self._step_group(stage)
-        if len(group) != 1 or any(record.peer not in group for record in sent.values()):
-            return None
-        return sorted(group)
-
-    async def _step_stage(self, stage: int,
-                          ride: asyncio.Future[tuple[str, StepReply | None]] | None = None) -> None:
-        """Apply this step's gradients on every replica of a stage, replaying any lost replica's share. With `ride`,
-        the stage's last backward carried the step: only if its peer did not apply it does the step call follow."""
-        if ride is not None:
-            peer, stepped = await ride
-            if stepped is not None:
-                self._known_step[peer] = stepped.step
-                self.grad_norms[stage] = stepped.grad_norm
-                return
-        backoff = Backoff(0.1, 2.0)
-        while True:
-            sent = self._sent[stage]
-            group = self._step_group(stage)
-            orphaned = sorted(mb for mb, record in sent.items() if record.peer not in group)
-            if orphaned:
-                await self._replay(stage, orphaned)
-                continue
-            if not group:  # every replica is behind this step; they resync when called
-                await self._replay(stage, [])
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            request = StepRequest(stage, self.step, sorted(group), self.session)
-            replies = await asyncio.gather(
-                *[self.metrics.timed("step", self.client.step(p, request, self.config.request_timeout))
-                  for p in request.group],
-                return_exceptions=True,
-            )
-            applied = {p: r for p, r in zip(request.group, replies) if isinstance(r, StepReply)}
-            for peer, reply in zip(request.group, replies):
-                if isinstance(reply, StepReply):
-                    self._known_step[peer] = reply.step
-                elif isinstance(reply, RemoteError) and reply.code == GROUP_FAILED:
-                    for failed in reply.peers:
-                        self._peer_failed(stage, failed, f"unreachable during the step: {reply.message}")
-                else:
-                    self._peer_failed(stage, peer, f"step failed: {_describe(reply)}")
-            if applied:
-                # Replicas that did not apply are now behind; their next request finds them stale and they resync.
-                self.grad_norms[stage] = next(iter(applied.values())).grad_norm
-                return
-            await asyncio.sleep(backoff.next_delay())
-
-    def _step_group(self, stage: int) -> set[str]:
-        """Replicas known to be at this step: the ones that worked on it, and usable ones announcing it."""
-        group = {record.peer for record in self._sent[stage].values() if not self.router.is_banned(record.peer)}
-        for peer in self.router.usable(stage):
-            if max(peer.step, self._known_step.get(peer.peer_id, 0)) == self.step:
-                group.add(peer.peer_id)
-        return group
-
-    async def _replay(self, stage: int, microbatches: list[int]) -> None:
-        """Resend accepted backward calls whose replica is gone, so their gradients reach a survivor."""
-        if not microbatches:
-            await self._call(stage, "wait", lambda p: asyncio.sleep(0))  # waits until the stage has a peer
-            return
-        for mb in microbatches:
-            record = self._sent[stage][mb]
-            peer, _ = await self._backward(stage, mb, record.hidden, record.grad_output)
-            self._sent[stage][mb] = SentBackward(peer, record.hidden, record.grad_output)
-            logger.info(f"stage {stage}: replayed microbatch {mb} on {peer}")
-
     # --- calls with retries --------------------------------------------------------------------------------
 
-    async def _call(self, stage: int, what: str, fn: Callable[[str], Awaitable[T]]) -> tuple[str, T]:
-        """Run fn on a usable peer of the stage; on failure ban it and try another; wait while none is left."""
+    async def _call(self, stage: int, what: str, fn: Callable[[str], Awaitable[T]],
+                    avoid: set[str] = frozenset()) -> tuple[str, T]:
+        """Run fn on a usable peer of the stage (not in `avoid`); on failure ban it and try another; wait while none
+        is left."""
         backoff = Backoff(0.1, 0.5)  # a lost stage is polled often: resuming promptly matters more than DHT load
         while True:
-            peer = self.router.pick(stage)
+            peer = self.router.pick(stage, avoid)
             if peer is None:
                 await self.router.refresh(max_age=0.25)
-                peer = self.router.pick(stage)
+                peer = self.router.pick(stage, avoid)
             if peer is None:
                 await self._wait_for_stage(stage, backoff)
                 continue
@@ -388,7 +309,7 @@ class Trainer:
             try:
                 result = await self.metrics.timed(what, _retry_cut_streams(fn, peer))
             except RemoteError as e:
-                if e.code == BAD_REQUEST:
+                if e.code in (BAD_REQUEST, UNAUTHORISED):
                     raise TrainerError(f"stage {stage} peer {peer} refused a {what} request: {e.message}") from None
                 if e.code in (STALE, NOT_READY):
                     self.router.ban(peer, REFUSAL_BAN_SECONDS)
@@ -407,6 +328,14 @@ class Trainer:
             self._stage_available(stage, peer)
             return peer, result
 
+    def _check_authorised(self) -> None:
+        """Stage peers take training calls only from the trainers the signed run spec names: fail fast, and say how
+        to fix it, rather than have every call refused."""
+        if not is_trainer(self.spec, self.p2p_peer_id) or self.identity is None:
+            raise TrainerError(
+                f"this trainer ({self.p2p_peer_id}) is not one the run {self.spec.run_id!r} authorises. Start it with "
+                "--identity FILE, naming the identity file the bootstrap was given with --trainer FILE")
+
     def _peer_failed(self, stage: int, peer: str, reason: str) -> None:
         if not self.router.is_banned(peer):
             self.events.emit("peer_failed", stage=stage, peer=peer, step=self.step + 1, reason=reason)
@@ -415,13 +344,24 @@ class Trainer:
     async def _wait_for_stage(self, stage: int, backoff: Backoff) -> None:
         now = time.monotonic()
         if stage not in self._lost_since:
-            self._lost_since[stage] = now
+            self._lost_since[stage] = self._lost_logged[stage] = now
             self.events.emit("stage_lost", stage=stage, step=self.step + 1)
-            logger.warning(f"stage {stage} has no usable peer; waiting up to {self.config.stage_timeout:.0f} s "
-                           "for one to join")
-        if now - self._lost_since[stage] > self.config.stage_timeout:
+            logger.warning(f"stage {stage} has no usable peer; waiting {self._patience()} for one to join")
+        waited = now - self._lost_since[stage]
+        if waited > self.config.stage_timeout:
             raise StageUnavailable(f"stage {stage} had no usable peer for {self.config.stage_timeout:.0f} s")
+        if now - self._lost_logged[stage] >= STILL_WAITING_EVERY:  # a long wait keeps saying why it waits
+            self._lost_logged[stage] = now
+            announced = self.router.stage_map.get(stage, [])
+            states = ", ".join(f"{p.peer_id[-6:]} {p.state.value}" + (" (banned)" if self.router.is_banned(p.peer_id)
+                                                                      else "") for p in announced) or "none"
+            logger.warning(f"stage {stage} still has no usable peer after {waited:.0f} s (waiting {self._patience()}); "
+                           f"announced peers: {states}")
         await asyncio.sleep(backoff.next_delay())
+
+    def _patience(self) -> str:
+        timeout = self.config.stage_timeout
+        return "as long as it takes" if math.isinf(timeout) else f"up to {timeout:.0f} s"
 
     def _stage_available(self, stage: int, peer: str) -> None:
         """A call to a lost stage succeeded again: report how long it was down and where its weights came from."""
@@ -444,7 +384,7 @@ class Trainer:
                 return
             if time.monotonic() > deadline:
                 raise StageUnavailable(f"stages {missing} have no online peer after {self.config.stage_timeout:.0f} s")
-            logger.info(f"waiting for stages {missing} to come online")
+            logger.info(f"waiting for stages {missing} to come online ({self._patience()})")
             await asyncio.sleep(backoff.next_delay())
 
     # --- copies of the embedding and head at the edge stages ----------------------------------------------

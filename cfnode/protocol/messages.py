@@ -19,6 +19,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
 from cfnode.config import MAX_MICROBATCHES
+from cfnode.protocol.records import MAX_STEP_PROOF
 from cfnode.protocol.timing import timed
 
 CHUNK_BYTES = 2**16  # activations and gradients: small streams, where small chunks start sooner
@@ -57,6 +58,10 @@ INTERNAL = "internal"  # an unexpected failure while handling a valid request
 TRUNCATED = "truncated"  # the request stream arrived incomplete; sending it again usually works
 GROUP_FAILED = "group_failed"  # a step could not gather the gradients of every replica; nothing was applied
 NO_ACTIVATIONS = "no_activations"  # a backward without its input, and the peer kept no activations for it
+# A step whose replicas' records of summed microbatches (protocol/ledger.py) differ from what the trainer sent them;
+# nothing was applied, and `peers` names the replicas whose records are off.
+LEDGER_MISMATCH = "ledger_mismatch"
+UNAUTHORISED = "unauthorised"  # the caller is not a peer the run lets make this call (protocol/trust.py)
 
 
 @dataclass
@@ -123,6 +128,14 @@ def _for_wire(tensor: torch.Tensor, wire: torch.dtype | None) -> torch.Tensor:
 def from_message(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> Envelope:
     meta = unpack_meta(message.metadata)
     return Envelope(meta, [_deserialize(t) for t in message.tensors])
+
+
+def meta_only(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> Envelope:
+    """A message that carries metadata alone (a step or info call, a download's request), refused if it holds
+    tensors before anything is decoded."""
+    if message.tensors:
+        raise ProtocolError(f"this message carries no tensors, got {len(message.tensors)}")
+    return Envelope(unpack_meta(message.metadata))
 
 
 def decode_tensors(parts: Iterable[runtime_pb2.Tensor], max_bytes: int) -> list[torch.Tensor]:
@@ -230,6 +243,28 @@ def _group(meta: dict[str, Any], name: str) -> list[str]:
     return group
 
 
+def _microbatches(value: Any, name: str) -> list[int]:
+    if not isinstance(value, list) or len(value) > MAX_MICROBATCHES or not all(
+            isinstance(mb, int) and not isinstance(mb, bool) and 0 <= mb < MAX_MICROBATCHES for mb in value):
+        raise ProtocolError(f"{name} must be a list of microbatch numbers")
+    return value
+
+
+def _ledger(meta: dict[str, Any], name: str, group: list[str]) -> dict[str, list[int]]:
+    """Which microbatches of the step the trainer gave each replica of the group (absent: none)."""
+    ledger = _field(meta, name, dict)
+    if not all(peer in group for peer in ledger):
+        raise ProtocolError(f"{name} names peers outside the step group")
+    return {peer: _microbatches(mbs, f"{name} entries") for peer, mbs in ledger.items()}
+
+
+def _proof(meta: dict[str, Any], name: str) -> str:
+    proof = meta.get(name, "")
+    if not isinstance(proof, str) or len(proof) > MAX_STEP_PROOF:
+        raise ProtocolError(f"field {name!r} must be a short string")
+    return proof
+
+
 def _tensors(envelope: Envelope, count: int, what: str) -> list[torch.Tensor]:
     if len(envelope.tensors) != count:
         raise ProtocolError(f"{what} expects {count} tensor(s), got {len(envelope.tensors)}")
@@ -282,12 +317,17 @@ class BackwardRequest:
     session: str = ""  # the trainer run; gradients a previous trainer left half-accumulated are dropped
     # The stage's last backward of the step, when one peer did all of the stage's work: that peer, alone in the
     # group, applies the step right after this backward, saving the step call's round trip. Any other peer ignores it.
+    # With it, as in a StepRequest: the microbatches the peer must have summed, and the trainer's step proof.
     step_group: list[str] | None = None
+    step_ledger: dict[str, list[int]] | None = None
+    step_proof: str = ""
 
     def envelope(self) -> Envelope:
         meta = {"stage": self.stage, "step": self.step, "microbatch": self.microbatch, "session": self.session}
         if self.step_group is not None:
             meta["step_group"] = list(self.step_group)
+            meta["step_ledger"] = dict(self.step_ledger or {})
+            meta["step_proof"] = self.step_proof
         return Envelope(meta, [self.grad_output] if self.hidden is None else [self.hidden, self.grad_output])
 
     @classmethod
@@ -298,39 +338,71 @@ class BackwardRequest:
         else:
             hidden, grad_output = _tensors(envelope, 2, "backward")
         group = _group(meta, "step_group") if "step_group" in meta else None
+        ledger = _ledger(meta, "step_ledger", group) if group is not None else None
         return cls(_counter(meta, "stage"), _counter(meta, "step"), _counter(meta, "microbatch", MAX_MICROBATCHES),
-                   hidden, grad_output, _session(meta), group)
+                   hidden, grad_output, _session(meta), group, ledger, _proof(meta, "step_proof"))
+
+    def step_request(self) -> StepRequest | None:
+        """The step that rides on this backward, if any."""
+        if self.step_group is None:
+            return None
+        return StepRequest(self.stage, self.step, self.step_group, self.session, self.step_ledger or {},
+                           self.step_proof)
 
 
 @dataclass
 class StepRequest:
-    """Apply the accumulated gradients of `step`, summed over every replica in `group` (sorted peer ids)."""
+    """Apply the accumulated gradients of `step`, summed over every replica in `group` (sorted peer ids).
+
+    `ledger` says which microbatches the trainer gave each replica this step; every replica checks every replica's
+    record against it before applying (protocol/ledger.py). `proof` is the trainer's signature of step + 1, which
+    the peer keeps as the proof of the step it is then at (protocol/trust.py)."""
 
     stage: int
     step: int
     group: list[str]
     session: str = ""
+    ledger: dict[str, list[int]] = field(default_factory=dict)
+    proof: str = ""
 
     def envelope(self) -> Envelope:
-        return Envelope({"stage": self.stage, "step": self.step, "group": list(self.group), "session": self.session})
+        return Envelope({"stage": self.stage, "step": self.step, "group": list(self.group), "session": self.session,
+                         "ledger": dict(self.ledger), "proof": self.proof})
 
     @classmethod
     def parse(cls, envelope: Envelope) -> StepRequest:
         meta = envelope.meta
-        return cls(_counter(meta, "stage"), _counter(meta, "step"), _group(meta, "group"), _session(meta))
+        group = _group(meta, "group")
+        return cls(_counter(meta, "stage"), _counter(meta, "step"), group, _session(meta),
+                   _ledger(meta, "ledger", group), _proof(meta, "proof"))
 
 
 @dataclass
 class StepReply:
     step: int  # the step the peer is at now
     grad_norm: float  # norm of the summed gradient before clipping
+    # What the applied update summed, over the whole group: each (session, microbatch) once is the goal.
+    count: int = 0
+    digest: str = ""
+    microbatches: list[int] = field(default_factory=list)  # sorted; a microbatch summed twice is listed twice
 
     def envelope(self) -> Envelope:
-        return Envelope({"step": self.step, "grad_norm": self.grad_norm})
+        return Envelope({"step": self.step, "grad_norm": self.grad_norm, "count": self.count, "digest": self.digest,
+                         "microbatches": list(self.microbatches)})
 
     @classmethod
     def parse(cls, envelope: Envelope) -> StepReply:
-        return cls(_field(envelope.meta, "step", int), float(_field(envelope.meta, "grad_norm", (int, float))))
+        meta = envelope.meta
+        count = _field(meta, "count", int) if "count" in meta else 0
+        digest = meta.get("digest", "")
+        if not isinstance(digest, str) or len(digest) > 64:
+            raise ProtocolError("field 'digest' must be a short string")
+        microbatches = meta.get("microbatches", [])
+        if not isinstance(microbatches, list) or len(microbatches) > 2 * MAX_MICROBATCHES or not all(
+                isinstance(mb, int) and not isinstance(mb, bool) for mb in microbatches):
+            raise ProtocolError("field 'microbatches' must be a list of microbatch numbers")
+        return cls(_field(meta, "step", int), float(_field(meta, "grad_norm", (int, float))), count, digest,
+                   microbatches)
 
 
 @dataclass
@@ -393,10 +465,11 @@ class StateSnapshot:
     names: list[str]  # one per tensor: "model.<param>" or "optim.<index>.<key>"
     tensors: list[torch.Tensor]
     param_groups: list[dict[str, Any]]
+    step_proof: str = ""  # the trainer's proof of `step`, handed on with the state (protocol/trust.py)
 
     def envelope(self) -> Envelope:
         meta = {"stage": self.stage, "step": self.step, "grad_norm": self.grad_norm, "names": self.names,
-                "param_groups": self.param_groups}
+                "param_groups": self.param_groups, "step_proof": self.step_proof}
         return Envelope(meta, self.tensors)
 
     @classmethod
@@ -409,4 +482,4 @@ class StateSnapshot:
         if grad_norm is not None and (not isinstance(grad_norm, (int, float)) or isinstance(grad_norm, bool)):
             raise ProtocolError("grad_norm must be a number or None")
         return cls(_field(meta, "stage", int), _field(meta, "step", int), grad_norm, names, envelope.tensors,
-                   _field(meta, "param_groups", list))
+                   _field(meta, "param_groups", list), _proof(meta, "step_proof"))

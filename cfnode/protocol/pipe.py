@@ -20,6 +20,8 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from cfnode.protocol.framing import read_message
+from cfnode.protocol.limits import message_bytes
 from cfnode.protocol.messages import (
     INTERNAL,
     Envelope,
@@ -116,7 +118,8 @@ class Pipe:
         error: BaseException = TruncatedStream("the pipe's stream ended with calls in flight")
         try:
             while True:
-                response, rpc_error = await P2P.receive_protobuf(Response, reader)
+                # Refused before it is read if it is longer than a reply could be: the stream then closes.
+                response, rpc_error = await read_message(reader, Response, message_bytes(self.max_reply_bytes))
                 if rpc_error is not None:  # the peer's handler itself failed: nothing more comes on this stream
                     error = RemoteError(INTERNAL, rpc_error.message)
                     break
@@ -127,6 +130,11 @@ class Pipe:
                     future.set_result((meta, list(response.tensors)))
                 elif number is None:  # the peer could not tell which call this answers: it refused the stream
                     error = ProtocolError("the peer refused the pipe: a reply without a call number")
+                    if isinstance(meta.get("error"), dict):  # and said why (an unauthorised caller, say)
+                        try:
+                            raise_for_error(Envelope(meta))
+                        except RemoteError as refused:
+                            error = refused
                     break
                 # else: the reply to a call that already gave up waiting
         except asyncio.CancelledError:

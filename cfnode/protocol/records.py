@@ -11,6 +11,7 @@ from typing import Any
 from cfnode.config import ConfigError, RunSpec
 
 PROTOCOL_VERSION = 1
+MAX_STEP_PROOF = 1024  # characters of a base64 RSA signature (protocol/trust.py)
 
 
 class RecordError(ValueError):
@@ -44,6 +45,7 @@ class StageAnnouncement:
     announced_at: float = 0.0  # DHT time of this announcement; its age tells how fresh it is
     kept: list[int] = field(default_factory=list)  # stages whose state copies it keeps (0: the trainer's head)
     refit: dict[str, Any] = field(default_factory=dict)  # a rebuilt stage's refit: pairs, steps, losses (or why not)
+    step_proof: str = ""  # a trainer's signature that the run reached `step` (protocol/trust.py); "" at step 0
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
@@ -85,6 +87,8 @@ class StageAnnouncement:
         if not isinstance(self.refit, dict) or len(self.refit) > 8 or not all(
                 isinstance(k, str) and (v is None or isinstance(v, (int, float, str))) for k, v in self.refit.items()):
             raise RecordError("refit must be a small map of names to numbers or strings")
+        if not isinstance(self.step_proof, str) or len(self.step_proof) > MAX_STEP_PROOF:
+            raise RecordError(f"step_proof must be a string of at most {MAX_STEP_PROOF} characters")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (stage input, stage output), each (B, T, C)
+# The rebuilds that are refitted: those made from live neighbours. Fresh weights (`fresh`, `random`: recovery none
+# or random, or a swarm that never trained) stay as they are, so those modes mean what they say.
+REFITTED_KINDS = ("checkfree", "checkfree+", "uniform", "copy")
+
+
+def refits(kind: str) -> bool:
+    """Whether a stage rebuilt as `kind` (a RebuildPlan's kind) is refitted on the trainer's cached activations."""
+    return kind in REFITTED_KINDS
 
 
 class ActivationCache:

@@ -56,6 +56,14 @@ class Swarm:
         self._count = 0
         self._observer: LoopThread | None = None
 
+    @property
+    def trainer_identity(self) -> Path:
+        return self.workdir / "trainer.key"
+
+    @property
+    def client_identity(self) -> Path:
+        return self.workdir / "client.key"
+
     def _name(self, role: str) -> str:
         self._count += 1
         return f"{self._count:02d}-{role}"
@@ -65,23 +73,28 @@ class Swarm:
         spec_path.write_text(json.dumps(self.spec.to_dict()))
         maddr_path = self.workdir / "bootstrap.maddr"
         name = self._name("bootstrap")
-        child = spawn(name, ["bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path)],
+        # Two trainers are authorised: trainer processes use one identity, test code driving RPCs the other.
+        child = spawn(name, ["bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path),
+                             "--trainer", str(self.trainer_identity), "--trainer", str(self.client_identity)],
                       self.workdir / f"{name}.log")
         self.children.append(child)
         self.maddr = wait_for_maddr(maddr_path, child, timeout=60)
+        _CLIENT_IDENTITIES[self.maddr] = self.client_identity
         return self.maddr
 
-    def start_peer(self, stage: int | str, *extra: str) -> Child:
+    def start_peer(self, stage: int | str, *extra: str, env: dict[str, str] | None = None) -> Child:
+        """A stage peer; `env` may arm fault points in it (CFNODE_FAULTS, cfnode/faults.py)."""
         name = self._name(f"peer-stage-{stage}")
         child = spawn(name, ["join", "--initial-peers", self.maddr, "--stage", str(stage), *extra],
-                      self.workdir / f"{name}.log")
+                      self.workdir / f"{name}.log", env=env)
         self.children.append(child)
         return child
 
     def start_trainer(self, steps: int, *extra: str, jsonl: Path | None = None) -> tuple[Child, Path]:
         name = self._name("trainer")
         jsonl = jsonl or self.workdir / f"{name}.jsonl"
-        child = spawn(name, ["train", "--initial-peers", self.maddr, "--steps", str(steps), "--batch-size", "8",
+        child = spawn(name, ["train", "--initial-peers", self.maddr, "--identity", str(self.trainer_identity),
+                             "--steps", str(steps), "--batch-size", "8",
                              "--microbatches", "4", "--eval-every", "0", "--log-jsonl", str(jsonl),
                              "--request-timeout", "10", "--ban-seconds", "3", *extra],
                       self.workdir / f"{name}.log")
@@ -137,7 +150,8 @@ class LoopThread:
     """An event loop in a thread holding one DHT and p2p connection, for synchronous test code (status reads,
     hypothesis examples) to run coroutines on."""
 
-    def __init__(self, maddr: str):
+    def __init__(self, maddr: str, identity: Path | None = None):
+        self.identity = identity
         self.loop = asyncio.new_event_loop()
         self.ready: Future = Future()
         self._stop = asyncio.Event()
@@ -147,7 +161,7 @@ class LoopThread:
 
     async def _main(self, maddr: str) -> None:
         try:
-            async with connect(network(maddr)) as (dht, p2p, _identity):
+            async with connect(network(maddr, self.identity)) as (dht, p2p, _identity):
                 self.dht = dht
                 self.ready.set_result(p2p)
                 await self._stop.wait()
@@ -167,5 +181,15 @@ def run_async(coro_fn: Callable[..., Any], *args: Any) -> Any:
     return asyncio.run(coro_fn(*args))
 
 
-def network(maddr: str) -> NetworkConfig:
-    return NetworkConfig(initial_peers=(maddr,), client_mode=True, connect_timeout=30)
+_CLIENT_IDENTITIES: dict[str, Path] = {}  # bootstrap address -> the identity its run authorises for test code
+
+
+def client_identity(maddr: str) -> Path:
+    """The identity under which test code makes training calls itself (backward, step) in the run at `maddr`: a
+    trainer the run authorises. Use it for one connection at a time (two daemons must not share a peer id)."""
+    return _CLIENT_IDENTITIES[maddr]
+
+
+def network(maddr: str, identity: Path | None = None) -> NetworkConfig:
+    return NetworkConfig(initial_peers=(maddr,), client_mode=True, connect_timeout=30,
+                         identity_path=str(identity) if identity else None)

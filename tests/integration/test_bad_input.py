@@ -15,7 +15,7 @@ from cfnode.launcher import cfnode_command
 from cfnode.node.runtime import connect
 from cfnode.protocol.messages import BAD_REQUEST, BackwardRequest, ForwardRequest, RemoteError, StepRequest
 from cfnode.protocol.service import StageClient, StageService
-from tests.integration.harness import network
+from tests.integration.harness import client_identity, network
 
 
 def hidden(spec, batch=2, time_steps=None, dtype=torch.float32):
@@ -44,7 +44,7 @@ def bad_requests(spec):
 
 async def probe(maddr: str, spec) -> dict[str, str]:
     outcomes = {}
-    async with connect(network(maddr)) as (dht, p2p, _identity):
+    async with connect(network(maddr, client_identity(maddr))) as (dht, p2p, _identity):
         from cfnode.node.swarm_map import read_stage_map
 
         (peer,) = (await read_stage_map(dht, spec))[1]
@@ -65,7 +65,7 @@ async def probe(maddr: str, spec) -> dict[str, str]:
         reply = await stub.rpc_step(runtime_pb2.ExpertRequest(metadata=b"\xc1\xff garbage"), timeout=10)
         outcomes["garbage metadata"] = "error" if b"bad_request" in reply.metadata else "accepted"
         try:
-            await client.step(peer.peer_id, StepRequest(1, 0, ["someone-else"]), timeout=10)
+            await client.step(peer.peer_id, StepRequest(1, 0, ["someone-else"], ledger={}), timeout=10)
             outcomes["step for another group"] = "accepted"
         except RemoteError as e:
             outcomes["step for another group"] = e.code

@@ -9,8 +9,9 @@ import math
 
 import torch
 
+from cfnode.node.discovery import live_stage_map
 from cfnode.node.runtime import connect
-from cfnode.node.stage_peer import StagePeer, live_stage_map
+from cfnode.node.stage_peer import StagePeer
 from cfnode.node.swarm_map import read_spec
 from cfnode.protocol.records import PeerState
 from cfnode.protocol.service import StageClient, StageService
@@ -21,7 +22,7 @@ async def serve_broken_replica(maddr: str, trainer_done) -> str:
     """Join stage 2 as an exact replica, then turn every weight to NaN and serve until the trainer is done."""
     async with connect(network(maddr)) as (dht, p2p, identity):
         spec = await read_spec(dht, network(maddr))
-        client = StageClient(p2p, spec.max_message_bytes)
+        client = StageClient(p2p, spec.max_message_bytes, spec=spec)
         peer = StagePeer(spec, 2, identity, dht, client)
         service = StageService(peer)
         await service.add_p2p_handlers(p2p)

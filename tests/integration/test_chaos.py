@@ -1,5 +1,6 @@
 """A short chaos run: random SIGKILLs of stage peers and the bootstrap while newcomers join; the run finishes every
-step, each lost stage is recovered, and nothing is left running."""
+step, each lost stage is recovered, no stage step sums a microbatch twice or misses one, and nothing is left
+running."""
 
 from __future__ import annotations
 
@@ -20,4 +21,7 @@ def test_training_survives_random_kills_of_peers_and_bootstrap(tmp_path):
     assert summary["peers_killed"] >= 1 and summary["bootstrap_kills"] >= 1, result.actions
     assert any(a["action"] == "restart_bootstrap" for a in result.actions), result.actions
     assert summary["stage_lost"] >= 1 and result.unmatched_losses() == [], result.events
+    # Exactly once: no stage step summed a microbatch twice or missed one, and the trainer checked the ledgers.
+    assert summary["step_mismatches"] == 0, [e for e in result.events if e["event"] == "step_mismatch"]
+    assert summary["ledger_checks"] > 0, summary
     assert result.leftover_groups == []

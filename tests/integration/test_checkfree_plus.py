@@ -53,4 +53,4 @@ def test_new_trainer_restores_embedding_and_head_from_the_edges(swarm):
     mean_before, mean_after = sum(before) / len(before), sum(after[:3]) / 3
     assert mean_after < mean_before + 0.5, (before, after)
     assert mean_after < fresh_loss - 1.5, (before, after)
-    assert "a new trainer took over" in "".join(swarm.log(c) for c in swarm.children if "peer" in c.name)
+    assert "a new trainer session began" in "".join(swarm.log(c) for c in swarm.children if "peer" in c.name)

@@ -19,7 +19,7 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> s
                           env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("command", ["", "bootstrap", "join", "train", "status", "swarm"])
+@pytest.mark.parametrize("command", ["", "bootstrap", "join", "train", "status", "swarm", "identity"])
 def test_every_command_has_help(command):
     result = run(*([command] if command else []), "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout

@@ -211,6 +211,45 @@ def test_compose_bootstrap_has_a_fixed_identity_port_and_shares_its_address():
         assert service["depends_on"]["bootstrap"]["condition"] == "service_healthy"
 
 
+def _mounts(name: str) -> dict[str, str]:
+    """A service's mounts: container path -> volume (or host path)."""
+    return {m.split(":")[1]: m.split(":")[0] for m in services()[name].get("volumes") or []}
+
+
+def _options(name: str, subcommand: str) -> dict[str, str]:
+    (argv,) = [a for a in service_invocations(name) if a[0] == subcommand]
+    return dict(zip(argv, argv[1:]))
+
+
+def test_compose_trainer_runs_with_the_identity_the_bootstrap_authorises():
+    """The trust rule: the bootstrap names the trainer (--trainer FILE, created if missing) in the signed run spec,
+    and the trainer runs with that same identity file; peers would refuse any other trainer's calls."""
+    trainer_file = _options("bootstrap", "bootstrap").get("--trainer")
+    assert trainer_file, "the bootstrap refuses to start without --trainer"
+    assert _options("trainer", "train").get("--identity") == trainer_file, "the trainer must use --trainer's file"
+    key_dir = trainer_file.rsplit("/", 1)[0]
+    volume = _mounts("bootstrap").get(key_dir)
+    assert volume in compose()["volumes"], "the trainer's identity must live on a named volume"
+    assert _mounts("trainer").get(key_dir) == volume, "the trainer must mount the volume the bootstrap writes it to"
+    assert f"{volume}:{key_dir}:ro" not in services()["bootstrap"]["volumes"], "the bootstrap creates the file there"
+    # Whoever can read the trainer's private key can pose as the trainer: no stage peer may mount it.
+    assert volume not in _mounts("peer").values()
+    assert _options("bootstrap", "bootstrap")["--identity"] != trainer_file
+
+
+def test_dockerfile_creates_every_mount_point_for_its_user():
+    """A named volume mounted where the image has no directory comes up owned by root, and the unprivileged user
+    could not write the trainer's identity (or anything else) there."""
+    ins = dockerfile_instructions()
+    (setup,) = [a for op, a in ins if op == "RUN" and "useradd" in a]
+    made = set(re.search(r"mkdir -p ([^&]+)", setup).group(1).split())
+    owned = set(re.search(r"chown \S+ ([^&]+)", setup).group(1).split())
+    for name in services():
+        for path, source in _mounts(name).items():
+            if source in compose()["volumes"]:
+                assert path in made and path in owned, f"{name}: the image must create {path} for its user"
+
+
 def test_compose_peer_scales_and_chooses_its_stage():
     peer = services()["peer"]
     assert "container_name" not in peer and "hostname" not in peer, "--scale needs per-container names"

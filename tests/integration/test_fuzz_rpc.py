@@ -35,7 +35,7 @@ from cfnode.protocol.messages import (
     to_chunks,
 )
 from cfnode.protocol.service import StageService, drain_limit
-from tests.integration.harness import TINY_SPEC, LoopThread, Swarm
+from tests.integration.harness import TINY_SPEC, LoopThread, Swarm, client_identity
 
 SPEC = dataclasses.replace(TINY_SPEC, max_message_mb=0.5)  # an oversized message is cheap to send
 REPLY_TIMEOUT = 20.0
@@ -53,7 +53,7 @@ def live_peer(tmp_path_factory):
     child = swarm.start_peer(1)
     swarm.wait_online({1: 1})
     (record,) = swarm.online_peers(1)
-    client = LoopThread(swarm.maddr)
+    client = LoopThread(swarm.maddr, client_identity(swarm.maddr))  # a trainer: its calls reach the parsers
     yield client, record["peer_id"], child
     client.close()
     swarm.close()

@@ -10,11 +10,11 @@ from cfnode.node.runtime import connect
 from cfnode.node.swarm_map import read_stage_map
 from cfnode.protocol.messages import NO_ACTIVATIONS, BackwardRequest, ForwardRequest, RemoteError, StepRequest
 from cfnode.protocol.service import StageClient
-from tests.integration.harness import network
+from tests.integration.harness import client_identity, network
 
 
 async def exercise(maddr: str, spec) -> dict:
-    async with connect(network(maddr)) as (dht, p2p, _identity):
+    async with connect(network(maddr, client_identity(maddr))) as (dht, p2p, _identity):
         client = StageClient(p2p, 2**26)
         peers = (await read_stage_map(dht, spec))[1]
         keeper = next(p.peer_id for p in peers if p.source == "fresh")  # started first, with --keep-activations 2
@@ -46,7 +46,7 @@ async def exercise(maddr: str, spec) -> dict:
         out["still kept"] = await backward(keeper, 5, None)
         # Both replicas accumulated microbatch 0 the same way: their step applies the same update.
         await client.forward(keeper, ForwardRequest(1, 0, 6, inputs[1], keep=True), timeout=30)
-        request = StepRequest(1, 0, sorted([keeper, other]))
+        request = StepRequest(1, 0, sorted([keeper, other]), ledger={keeper: [0, 2, 5], other: [0]})
         await asyncio.gather(client.step(keeper, request, 30), client.step(other, request, 30))
         out["after the step"] = await backward(keeper, 6, None, step=1)  # the step dropped what the forward kept
         return out

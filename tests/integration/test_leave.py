@@ -10,12 +10,12 @@ import torch
 
 from cfnode.node.runtime import connect
 from cfnode.protocol.service import StageClient
-from tests.integration.harness import network, read_events, run_async, wait_until
+from tests.integration.harness import client_identity, network, read_events, run_async, wait_until
 
 
-async def download(maddr: str, stage: int, peer_id: str):
-    async with connect(network(maddr)) as (_dht, p2p, _identity):
-        return await StageClient(p2p, 2**26).download_state(peer_id, stage, timeout=60)
+async def download(maddr: str, spec, stage: int, peer_id: str):
+    async with connect(network(maddr, client_identity(maddr))) as (_dht, p2p, _identity):
+        return await StageClient(p2p, 2**26, spec=spec).download_state(peer_id, stage, timeout=60)
 
 
 def assert_same_state(a, b) -> None:
@@ -41,7 +41,7 @@ def test_clean_leave_hands_the_exact_state_over(swarm):
     trainer, _ = swarm.start_trainer(4)
     assert trainer.process.wait(180) == 0, swarm.log(trainer)
     (leaver,) = swarm.online_peers(2)
-    reference = run_async(download, swarm.maddr, 2, leaver["peer_id"])
+    reference = run_async(download, swarm.maddr, swarm.spec, 2, leaver["peer_id"])
     assert reference.step == 4
 
     # 1. A standby spare is joining when the last peer of stage 2 leaves: it copies the leaver directly.
@@ -52,7 +52,7 @@ def test_clean_leave_hands_the_exact_state_over(swarm):
     # may come just after, and then takes the copy left with a neighbour. Either way the state is exact.
     direct = "handed over to" in swarm.log(peers[2])
     taken = wait_until(lambda: stage_peer(swarm, 2, "replica" if direct else "handoff"), 60, "the spare on stage 2")
-    assert_same_state(run_async(download, swarm.maddr, 2, taken["peer_id"]), reference)
+    assert_same_state(run_async(download, swarm.maddr, swarm.spec, 2, taken["peer_id"]), reference)
 
     # 2. No newcomer: the leaving last peer leaves its state with a neighbour, and the next newcomer takes it.
     leave(swarm, spare)
@@ -62,7 +62,7 @@ def test_clean_leave_hands_the_exact_state_over(swarm):
     assert holder
     newcomer = swarm.start_peer("auto")
     handed = wait_until(lambda: stage_peer(swarm, 2, "handoff"), 90, "the newcomer serving stage 2")
-    assert_same_state(run_async(download, swarm.maddr, 2, handed["peer_id"]), reference)
+    assert_same_state(run_async(download, swarm.maddr, swarm.spec, 2, handed["peer_id"]), reference)
 
     # 3. A leave during training: the trainer replays what the leaver had accepted, and the run goes on.
     trainer, jsonl = swarm.start_trainer(6)

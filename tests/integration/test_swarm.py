@@ -7,16 +7,16 @@ import torch
 from cfnode.bench.trace import read_traces, step_boundaries
 from cfnode.node.runtime import connect
 from cfnode.protocol.service import StageClient
-from tests.integration.harness import network, read_events, run_async, wait_until
+from tests.integration.harness import client_identity, network, read_events, run_async, wait_until
 
 
 def steps_of(events):
     return [e for e in events if e["event"] == "step"]
 
 
-async def download_all(maddr: str, stage: int, peer_ids: list[str]):
-    async with connect(network(maddr)) as (_dht, p2p, _identity):
-        client = StageClient(p2p, 2**26)
+async def download_all(maddr: str, spec, stage: int, peer_ids: list[str]):
+    async with connect(network(maddr, client_identity(maddr))) as (_dht, p2p, _identity):
+        client = StageClient(p2p, 2**26, spec=spec)
         return [await client.download_state(peer, stage, timeout=60) for peer in peer_ids]
 
 
@@ -85,7 +85,7 @@ def test_replica_killed_mid_run_and_late_joiner_gets_identical_state(swarm):
     (newcomer,) = [p for p in peers if p["peer_id"] != survivors[0]["peer_id"]]
     assert newcomer["source"] == "replica" and newcomer["recovered_from"] == [f"2:{survivors[0]['peer_id']}"]
     assert "copied step 30 from replica" in swarm.log(swarm.children[-1])
-    states = run_async(download_all, swarm.maddr, 2, [p["peer_id"] for p in peers])
+    states = run_async(download_all, swarm.maddr, swarm.spec, 2, [p["peer_id"] for p in peers])
     assert states[0].step == 30
     assert any(name.startswith("optim.") for name in states[0].names)
     assert_identical(states)
@@ -102,7 +102,7 @@ def test_replicas_stay_identical_while_training(swarm):
     assert trainer.process.wait(300) == 0, swarm.log(trainer)
     peers = swarm.online_peers(1)
     assert len(peers) == 2
-    states = run_async(download_all, swarm.maddr, 1, [p["peer_id"] for p in peers])
+    states = run_async(download_all, swarm.maddr, swarm.spec, 1, [p["peer_id"] for p in peers])
     assert states[0].step == 10
     assert_identical(states)
 

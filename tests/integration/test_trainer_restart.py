@@ -10,17 +10,17 @@ import torch
 from cfnode.node.runtime import connect
 from cfnode.node.stage_state import load_state_file
 from cfnode.protocol.service import StageClient
-from tests.integration.harness import network, read_events, run_async, wait_until
+from tests.integration.harness import client_identity, network, read_events, run_async, wait_until
 
 
 def steps_of(events):
     return [e for e in events if e["event"] == "step"]
 
 
-async def stage_steps(maddr: str, peers: dict[int, str]) -> dict[int, int]:
+async def stage_steps(maddr: str, spec, peers: dict[int, str]) -> dict[int, int]:
     """Each stage peer's exact step, from a download of its state (announcements lag behind)."""
-    async with connect(network(maddr)) as (_dht, p2p, _identity):
-        client = StageClient(p2p, 2**26)
+    async with connect(network(maddr, client_identity(maddr))) as (_dht, p2p, _identity):
+        client = StageClient(p2p, 2**26, spec=spec)
         return {stage: (await client.download_state(peer, stage, timeout=60)).step for stage, peer in peers.items()}
 
 
@@ -42,7 +42,7 @@ def test_restarted_trainer_resumes_from_its_own_state_file(swarm):
     # Stages apply a step as soon as their own backwards are in, before the rest: a stop never leaves some of
     # them a step ahead of the others and of the saved head.
     peers = {stage: swarm.online_peers(stage)[0]["peer_id"] for stage in (1, 2, 3)}
-    assert run_async(stage_steps, swarm.maddr, peers) == {1: saved.step, 2: saved.step, 3: saved.step}
+    assert run_async(stage_steps, swarm.maddr, swarm.spec, peers) == {1: saved.step, 2: saved.step, 3: saved.step}
 
     second, jsonl2 = swarm.start_trainer(4, "--state", str(state_file), jsonl=Path(swarm.workdir / "second.jsonl"))
     assert second.process.wait(240) == 0, swarm.log(second)

@@ -278,3 +278,18 @@ def test_spec_owners_are_the_initial_peers_ids():
     network = NetworkConfig(initial_peers=("/ip4/127.0.0.1/tcp/1/p2p/QmA", "/ip4/10.0.0.2/tcp/2/p2p/QmB/"))
     assert network.spec_owners == ("QmA", "QmB")
     assert NetworkConfig().spec_owners == ()
+
+
+def test_the_stage_timeout_takes_seconds_or_forever():
+    import math
+
+    import click
+
+    from cfnode.cli import SECONDS_OR_FOREVER
+
+    assert SECONDS_OR_FOREVER.convert("forever", None, None) == math.inf
+    assert SECONDS_OR_FOREVER.convert("12.5", None, None) == 12.5
+    for bad in ("never", "0", "-3", "nan"):
+        with pytest.raises(click.BadParameter):
+            SECONDS_OR_FOREVER.convert(bad, None, None)
+    assert TrainConfig(NetworkConfig(), stage_timeout=math.inf).stage_timeout == math.inf

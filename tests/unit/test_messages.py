@@ -25,6 +25,7 @@ from cfnode.protocol.messages import (
     error_envelope,
     from_chunks,
     from_message,
+    meta_only,
     pack_meta,
     raise_for_error,
     to_chunks,
@@ -222,6 +223,15 @@ def test_from_message_refuses_garbage_metadata():
         from_message(runtime_pb2.ExpertResponse(metadata=b"\xc1"))
 
 
+def test_meta_only_refuses_tensors_before_decoding_them():
+    undecodable = runtime_pb2.Tensor(buffer=b"\x00" * 7, size=[10**6], dtype="float32")
+    with pytest.raises(ProtocolError, match="carries no tensors, got 1"):
+        meta_only(runtime_pb2.ExpertRequest(metadata=pack_meta({"stage": 1}), tensors=[undecodable]))
+    assert meta_only(runtime_pb2.ExpertResponse(metadata=pack_meta({"step": 3}))) == Envelope({"step": 3})
+    with pytest.raises(ProtocolError):
+        meta_only(runtime_pb2.ExpertRequest(metadata=b"\xc1"))
+
+
 def test_raise_for_error():
     ok = Envelope({"step": 1})
     assert raise_for_error(ok) is ok
@@ -332,15 +342,38 @@ def test_backward_reply_round_trip():
 
 
 def test_step_request_round_trip():
-    request = StepRequest(stage=2, step=4, group=["QmA", "QmB"])
+    request = StepRequest(stage=2, step=4, group=["QmA", "QmB"], ledger={"QmA": [0, 2], "QmB": [1]}, proof="c2ln")
     for envelope in (request.envelope(), over_the_wire(request.envelope())):
         assert StepRequest.parse(envelope) == request
 
 
+def test_a_step_ledger_must_name_group_members_and_microbatch_numbers():
+    good = StepRequest(stage=2, step=4, group=["QmA"], ledger={"QmA": [0]}).envelope().meta
+    for ledger in ({"QmZ": [0]}, {"QmA": [-1]}, {"QmA": ["0"]}, {"QmA": [True]}, {"QmA": 3}, [0], None):
+        with pytest.raises(ProtocolError):
+            StepRequest.parse(Envelope({**good, "ledger": ledger}))
+    with pytest.raises(ProtocolError, match="ledger"):
+        StepRequest.parse(Envelope({k: v for k, v in good.items() if k != "ledger"}))
+    with pytest.raises(ProtocolError, match="proof"):
+        StepRequest.parse(Envelope({**good, "proof": "x" * 5000}))
+
+
+def test_a_riding_step_carries_its_ledger_and_proof():
+    grad = torch.zeros(1, 2, 4)
+    request = BackwardRequest(1, 3, 2, None, grad, "s", step_group=["QmA"], step_ledger={"QmA": [0, 1, 2]},
+                              step_proof="c2ln")
+    parsed = BackwardRequest.parse(over_the_wire(request.envelope()))
+    assert parsed.step_request() == StepRequest(1, 3, ["QmA"], "s", {"QmA": [0, 1, 2]}, "c2ln")
+    assert BackwardRequest.parse(BackwardRequest(1, 3, 2, None, grad).envelope()).step_request() is None
+
+
 def test_step_reply_round_trip():
-    reply = StepReply(step=5, grad_norm=1.25)
+    reply = StepReply(step=5, grad_norm=1.25, count=3, digest="00ff", microbatches=[0, 1, 1])
     for envelope in (reply.envelope(), over_the_wire(reply.envelope())):
         assert StepReply.parse(envelope) == reply
+    for bad in ({"digest": 7}, {"digest": "x" * 100}, {"microbatches": "0,1"}, {"microbatches": [0.5]}):
+        with pytest.raises(ProtocolError):
+            StepReply.parse(Envelope({"step": 5, "grad_norm": 2, **bad}))
     parsed = StepReply.parse(Envelope({"step": 5, "grad_norm": 2}))
     assert parsed.grad_norm == 2.0 and type(parsed.grad_norm) is float
 

@@ -37,6 +37,7 @@ def test_trainer_metrics_follow_the_event_log():
     metrics.on_event("step", dict(step=5, loss=2.5, tokens=512, tokens_per_s=900.0))
     metrics.on_event("step", dict(step=6, loss=2.25, tokens=512, tokens_per_s=1000.0, val_loss=2.75))
     metrics.on_event("peer_failed", dict(stage=2))
+    metrics.on_event("step_mismatch", dict(stage=1, missing=[], doubled=[2]))
     metrics.on_event("stage_lost", dict(stage=2))
     metrics.on_event("stage_recovered", dict(stage=2, source="checkfree", downtime=4.5))
     metrics.on_event("head_copied", dict(step=6))
@@ -47,6 +48,7 @@ def test_trainer_metrics_follow_the_event_log():
     assert got[("cfnode_trainer_tokens_total", ())] == 1024
     assert got[("cfnode_trainer_tokens_per_second", ())] == 1000.0
     assert got[("cfnode_trainer_failures_total", (("kind", "peer_failed"),))] == 1
+    assert got[("cfnode_trainer_failures_total", (("kind", "step_mismatch"),))] == 1
     assert got[("cfnode_trainer_failures_total", (("kind", "stage_lost"),))] == 1
     assert got[("cfnode_trainer_recoveries_total", (("source", "checkfree"),))] == 1
     assert got[("cfnode_trainer_last_stage_downtime_seconds", ())] == 4.5

@@ -96,3 +96,10 @@ def test_cached_tensors_are_copies():
     cache.record(1, x, x)
     x.fill_(5.0)
     assert float(cache.pairs(1)[0][0].sum()) == 8.0
+
+
+def test_only_rebuilds_from_neighbours_are_refitted():
+    from cfnode.recovery.refit import refits
+
+    assert [kind for kind in ("checkfree", "checkfree+", "uniform", "copy", "random", "fresh") if refits(kind)] == [
+        "checkfree", "checkfree+", "uniform", "copy"]
