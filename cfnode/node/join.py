@@ -8,7 +8,7 @@ import contextlib
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import JoinConfig
-from cfnode.node.discovery import pick_stage, wait_for_first_joiner
+from cfnode.node.discovery import live_stage_map, pick_stage
 from cfnode.node.metrics import PeerMetrics, serving
 from cfnode.node.runtime import connect, wait_forever
 from cfnode.node.stage_peer import StagePeer
@@ -24,12 +24,10 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
     async with connect(config.network) as (dht, p2p, identity):
         spec = await read_spec(dht, config.network)
         client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype, spec=spec)
-        choice = await pick_stage(config, dht, spec, client, identity)
-        stage = choice.stage
+        stage = await pick_stage(config, dht, spec, client)
         trace = ComputeTrace(config.trace_dir, stage, identity.peer_id.to_base58()) if config.trace_dir else None
         peer = StagePeer(spec, stage, identity, dht, client, config.device, config.request_timeout,
                          config.keep_activations, trace)
-        peer.joined_at = choice.joined_at
         metrics = PeerMetrics(peer)
         metrics_server = contextlib.ExitStack()  # bound first: a busy port fails before this peer announces
         metrics_server.enter_context(serving(metrics.registry, config.network.host, config.metrics_port))
@@ -39,10 +37,7 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
         try:
             logger.info(f"joining stage {stage} of {spec.num_stages} as {peer.peer_id}")
             await peer.announce()  # JOINING: other newcomers now see this stage as taken
-            # Newcomers racing for one stage with no peer online: the first obtains its weights, the others copy it.
-            stage_map = await wait_for_first_joiner(dht, spec, client, stage, peer.peer_id, choice.joined_at,
-                                                    4 * config.request_timeout)
-            await peer.obtain_weights(stage_map)
+            await peer.obtain_weights(await live_stage_map(dht, spec, client))
             peer.state = PeerState.ONLINE
             announcer = asyncio.create_task(peer.announce_forever())
             recovered = f", from {', '.join(peer.recovered_from)}" if peer.recovered_from else ""

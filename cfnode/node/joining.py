@@ -35,8 +35,8 @@ class Joining:
         """Copy a replica exactly if there is one (a leaving one counts: it waits to hand its state over), else an
         exact copy a leaving last peer left with a neighbour, else rebuild the stage (see recovery.rebuild)."""
         timeout = self.request_timeout * 4
-        replicas = [p for p in stage_map.get(self.stage, []) if p.state in (PeerState.ONLINE, PeerState.LEAVING)
-                    and not p.claim and p.peer_id != self.peer_id]  # a withdrawn claim is no replica
+        replicas = [p for p in stage_map.get(self.stage, [])
+                    if p.state in (PeerState.ONLINE, PeerState.LEAVING) and p.peer_id != self.peer_id]
         random.shuffle(replicas)
         replicas.sort(key=lambda p: -p.step)
         if await self._copy_exact(replicas, "replica",

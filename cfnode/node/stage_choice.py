@@ -29,15 +29,3 @@ def choose_stage(stage_map: dict[int, list[StageAnnouncement]], num_stages: int)
     if lost:
         return lost[0]
     return min(stages, key=lambda s: (stage_capacity(live(s)), len(live(s)), s))
-
-
-def ahead_of(stage_map: dict[int, list[StageAnnouncement]], stage: int, peer_id: str,
-             joined_at: float) -> list[StageAnnouncement]:
-    """The peers a newcomer to `stage` waits for before obtaining its weights, while the stage has no peer ONLINE:
-    the ones that joined it first (by `joined_at`, then peer id). The first newcomer rebuilds or starts the stage;
-    the others then copy it exactly instead of rebuilding it independently."""
-    peers = stage_map.get(stage, [])
-    if any(p.state == PeerState.ONLINE for p in peers):
-        return []
-    return [p for p in peers if p.state == PeerState.JOINING and not p.claim and p.peer_id != peer_id
-            and (p.joined_at, p.peer_id) < (joined_at, peer_id)]

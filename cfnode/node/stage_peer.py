@@ -88,7 +88,6 @@ class StagePeer(Joining, Serving, Leaving):
         self._buffer_epoch = 0  # bumped whenever the step's gradients are dropped; a backward finishing later is void
         self._applied_reply: StepReply | None = None  # the last applied step's reply, for a retried step call
         self.step_proof = ""  # the trainer's signature of current_step (protocol/trust.py)
-        self.joined_at = get_dht_time()  # when it claimed its stage (discovery.pick_stage sets the claim's time)
         self._resync_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._announce_lock = asyncio.Lock()
@@ -123,7 +122,6 @@ class StagePeer(Joining, Serving, Leaving):
             throughput=round(self.throughput.value, 3), load=self.load, grad_norm=self.grad_norm,
             source=self.source, recovered_from=list(self.recovered_from), announced_at=round(get_dht_time(), 3),
             kept=sorted(self.kept), refit=dict(self.refit_report), step_proof=self.step_proof,
-            joined_at=round(self.joined_at, 3),
         )
 
     async def announce(self) -> None:

@@ -46,10 +46,6 @@ class StageAnnouncement:
     kept: list[int] = field(default_factory=list)  # stages whose state copies it keeps (0: the trainer's head)
     refit: dict[str, Any] = field(default_factory=dict)  # a rebuilt stage's refit: pairs, steps, losses (or why not)
     step_proof: str = ""  # a trainer's signature that the run reached `step` (protocol/trust.py); "" at step 0
-    # JOINING and still choosing: a newcomer's claim on a stage, which it may move to balance newcomers that start
-    # together (node/discovery.py); False once it has committed to the stage.
-    claim: bool = False
-    joined_at: float = 0.0  # DHT time it first claimed its stage: of two newcomers to a lost stage, the first rebuilds
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
@@ -91,10 +87,6 @@ class StageAnnouncement:
         if not isinstance(self.refit, dict) or len(self.refit) > 8 or not all(
                 isinstance(k, str) and (v is None or isinstance(v, (int, float, str))) for k, v in self.refit.items()):
             raise RecordError("refit must be a small map of names to numbers or strings")
-        if not isinstance(self.claim, bool):
-            raise RecordError("claim must be a boolean")
-        if not _finite_non_negative(self.joined_at):
-            raise RecordError(f"joined_at must be a finite non-negative number, got {self.joined_at!r}")
         if not isinstance(self.step_proof, str) or len(self.step_proof) > MAX_STEP_PROOF:
             raise RecordError(f"step_proof must be a string of at most {MAX_STEP_PROOF} characters")
 

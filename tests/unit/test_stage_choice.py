@@ -1,6 +1,6 @@
 import pytest
 
-from cfnode.node.stage_choice import ahead_of, choose_stage, stage_capacity
+from cfnode.node.stage_choice import choose_stage, stage_capacity
 from cfnode.protocol.records import PeerState, StageAnnouncement
 
 _counter = iter(range(10**6))
@@ -71,14 +71,3 @@ def test_stages_outside_range_ignored():
 def test_single_stage_each(num_stages):
     stage_map = {s: [peer(s, 10.0 * s)] for s in range(1, num_stages + 1)}
     assert choose_stage(stage_map, num_stages) == 1
-
-
-def test_of_newcomers_to_a_stage_with_no_peer_online_the_first_goes_ahead():
-    first = StageAnnouncement(peer_id="QmZ", stage=2, state=PeerState.JOINING, step=0, throughput=0.0, load=0,
-                              grad_norm=None, source="fresh", joined_at=10.0)
-    stage_map = {2: [first]}
-    assert ahead_of(stage_map, 2, "QmA", joined_at=11.0) == [first]
-    assert ahead_of(stage_map, 2, "QmZ", joined_at=10.0) == []
-    assert ahead_of(stage_map, 2, "QmA", joined_at=9.0) == []  # it joined first
-    stage_map[2].append(peer(2))  # someone is online: copy it, wait for no one
-    assert ahead_of(stage_map, 2, "QmA", joined_at=11.0) == []
