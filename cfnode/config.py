@@ -73,6 +73,7 @@ class RunSpec:
     refit_cache: int = 16
     refit_steps: int = 200
     refit_lr: float = 1e-3
+    refit_seconds: float = 60.0  # the refit's time budget: a newcomer serves with the best weights it has by then
     # Who may drive training: the OpenSSH-format RSA public keys of the trainers this run authorises (the bootstrap's
     # --trainer). Stage peers take training calls and head copies only from these peers, and newcomers trust only
     # their records and the step proofs they signed (cfnode/protocol/trust.py).
@@ -90,7 +91,7 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("lr", "grad_clip", "lr_scale", "announce_ttl", "max_message_mb", "refit_lr"):
+        for name in ("lr", "grad_clip", "lr_scale", "announce_ttl", "max_message_mb", "refit_lr", "refit_seconds"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")

@@ -5,6 +5,7 @@ replica that fell behind copies an up-to-date one again."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -152,8 +153,19 @@ class Joining:
             logger.info(f"stage {self.stage}: skipping the refit: {reason}")
             return
         started = time.perf_counter()
+        logged = [started]
+
+        def progress(steps: int, best: float) -> None:  # on the compute thread; a long refit says how it goes
+            if time.perf_counter() - logged[0] >= 5.0:
+                logged[0] = time.perf_counter()
+                logger.info(f"stage {self.stage}: refitting, {steps} of at most {self.spec.refit_steps} steps, "
+                            f"held-out loss {best:.5g}, {logged[0] - started:.0f} of at most "
+                            f"{self.spec.refit_seconds:.0f} s")
+
         async with self._state_lock:
-            result = await self._compute(refit, self.model, pairs, self.spec.refit_steps, self.spec.refit_lr)
+            result = await self._compute(functools.partial(refit, max_seconds=self.spec.refit_seconds,
+                                                           progress=progress),
+                                         self.model, pairs, self.spec.refit_steps, self.spec.refit_lr)
         self.refit_report = {**result.to_wire(), "trainer": origin}
         logger.info(f"stage {self.stage}: refit on {result.pairs} cached pairs from trainer {origin}: {result.steps} "
                     f"steps, held-out loss {result.loss_before:.5g} -> {result.loss_after:.5g} ({result.stopped}) "

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -56,19 +58,22 @@ class RefitResult:
     steps: int  # optimisation steps taken
     loss_before: float  # mean squared error on the held-out pairs before the refit
     loss_after: float  # ... after it (the best weights seen, which the model keeps)
-    stopped: str  # why it stopped: "no improvement", "max steps" or "too few pairs"
+    stopped: str  # why it stopped: "no improvement", "max steps", "time budget" or "too few pairs"
 
     def to_wire(self) -> dict:
         return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 def refit(model: torch.nn.Module, pairs: list[Pair], max_steps: int, lr: float, holdout: float = 0.25,
-          patience: int = 3) -> RefitResult:
+          patience: int = 3, max_seconds: float = math.inf,
+          progress: Callable[[int, float], None] | None = None) -> RefitResult:
     """Fit `model` (in place) so that model(input) matches the recorded output of each pair.
 
     Every ~1/holdout-th pair (at least one) is held out. One step is one Adam step on one training pair, in turn;
     after each pass over the training pairs the held-out loss is measured, and `patience` passes without a new best
-    stop the loop. The model ends with the best weights seen (the rebuilt ones if nothing beat them).
+    stop the loop, as do `max_steps` steps or `max_seconds` of wall time (a stage waiting to serve must not wait on
+    a slow machine without bound). The model ends with the best weights seen (the rebuilt ones if nothing beat
+    them). `progress(steps, best held-out loss)` is called after each pass.
     """
     if len(pairs) < 2:
         return RefitResult(len(pairs), 0, math.nan, math.nan, "too few pairs")
@@ -86,7 +91,11 @@ def refit(model: torch.nn.Module, pairs: list[Pair], max_steps: int, lr: float, 
     best_state = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps, passes_without_gain, stopped = 0, 0, "max steps"
+    deadline = time.monotonic() + max_seconds
     while steps < max_steps:
+        if time.monotonic() > deadline:
+            stopped = "time budget"
+            break
         x, y = train[steps % len(train)]
         loss = torch.nn.functional.mse_loss(model(x.to(device)), y.to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -102,6 +111,8 @@ def refit(model: torch.nn.Module, pairs: list[Pair], max_steps: int, lr: float, 
                 if passes_without_gain >= patience:
                     stopped = "no improvement"
                     break
+            if progress is not None:
+                progress(steps, best)
     model.load_state_dict(best_state)
     model.zero_grad(set_to_none=True)
     return RefitResult(len(pairs), steps, before, best, stopped)

@@ -65,6 +65,16 @@ def test_bootstrap_refuses_a_bad_run_spec(tmp_path, content, reason):
     assert reason in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_bootstrap_needs_a_trainer_to_authorise(tmp_path):
+    result = run("bootstrap")
+    assert result.returncode != 0
+    assert "--trainer FILE" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    junk = tmp_path / "junk.pub"
+    junk.write_text("not a key\n")
+    result = run("bootstrap", "--trainer", str(junk))
+    assert result.returncode != 0 and "holds no OpenSSH RSA public key" in result.stderr, result.stderr
+
+
 def test_bootstrap_reads_toml_and_keeps_its_identity(swarm, tmp_path):
     config = tmp_path / "spec.toml"
     config.write_text('num_stages = 2\nhidden_size = 64\nnum_heads = 4\nseq_len = 32\nrecovery = "checkfree+"\n')
@@ -73,7 +83,8 @@ def test_bootstrap_reads_toml_and_keeps_its_identity(swarm, tmp_path):
     for attempt in range(2):
         maddr_file = tmp_path / f"maddr-{attempt}"
         process = subprocess.Popen(cfnode_command("bootstrap", "--config", str(config), "--identity", str(identity),
-                                                  "--maddr-file", str(maddr_file)),
+                                                  "--maddr-file", str(maddr_file),
+                                                  "--trainer", str(tmp_path / "trainer.key")),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             line = process.stdout.readline()

@@ -178,8 +178,10 @@ def test_stage_lost_to_a_dead_link_is_rebuilt_across_hosts(lab, tmp_path):
     boot_host, *peer_hosts, trainer_host, newcomer_host = [lab.add_host() for _ in range(6)]
 
     maddr_path = tmp_path / "bootstrap.maddr"
+    trainer_key = tmp_path / "trainer.key"  # the bootstrap creates it and names it in the run spec
     bootstrap = lab.start(boot_host, "bootstrap", "bootstrap", "--host", boot_host.address,
-                          "--port", str(BOOTSTRAP_PORT), "--config", str(spec_path), "--maddr-file", str(maddr_path))
+                          "--port", str(BOOTSTRAP_PORT), "--config", str(spec_path), "--maddr-file", str(maddr_path),
+                          "--trainer", str(trainer_key))
     wait_until(lambda: maddr_path.exists() and maddr_path.read_text().strip() or bootstrap.process.poll() is not None,
                90, "the bootstrap's multiaddr")
     assert bootstrap.process.poll() is None, lab.logs()
@@ -199,7 +201,8 @@ def test_stage_lost_to_a_dead_link_is_rebuilt_across_hosts(lab, tmp_path):
         wait_for_log(lab, peer, rf"serving stage {stage} ", 120)
 
     jsonl = tmp_path / "events.jsonl"
-    trainer = lab.start(trainer_host, "trainer", "train", "--initial-peers", maddr, "--steps", "24",
+    trainer = lab.start(trainer_host, "trainer", "train", "--initial-peers", maddr, "--identity", str(trainer_key),
+                        "--steps", "24",
                         "--host", trainer_host.address, "--client-mode", "--batch-size", "8", "--microbatches", "4",
                         "--eval-every", "0", "--request-timeout", "5", "--ban-seconds", "3",
                         "--log-jsonl", str(jsonl))
@@ -213,7 +216,7 @@ def test_stage_lost_to_a_dead_link_is_rebuilt_across_hosts(lab, tmp_path):
 
     # Stage 2's host drops off the network: its process keeps running, but nothing reaches it any more.
     lab.link_down(peer_hosts[1])
-    lost_at = time.monotonic()
+    lost_at, cut_at = time.monotonic(), time.time()
     newcomer = lab.start(newcomer_host, "newcomer", "join", "--initial-peers", maddr, "--stage", "auto",
                          "--host", newcomer_host.address)
     try:
@@ -238,7 +241,9 @@ def test_stage_lost_to_a_dead_link_is_rebuilt_across_hosts(lab, tmp_path):
     # come back without a live stage.
     assert 2 in [e["stage"] for e in lost], events
     assert 2 in [e["stage"] for e in failed], events
-    rebuilt = next(e for e in recovered if e["stage"] == 2)
+    # The recovery that follows the cut: under load a read of the stage map can time out before it, and the trainer
+    # then logs a brief loss and recovery of a stage that was never gone.
+    rebuilt = next(e for e in recovered if e["stage"] == 2 and e["time"] >= cut_at)
     assert rebuilt["source"] == "checkfree", rebuilt
     assert 0 < rebuilt["downtime"] < time.monotonic() - lost_at + 1
     assert steps_of(events)[-1]["step"] > rebuilt["step"]

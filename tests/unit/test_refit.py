@@ -103,3 +103,20 @@ def test_only_rebuilds_from_neighbours_are_refitted():
 
     assert [kind for kind in ("checkfree", "checkfree+", "uniform", "copy", "random", "fresh") if refits(kind)] == [
         "checkfree", "checkfree+", "uniform", "copy"]
+
+
+def test_a_refit_stops_at_its_time_budget_with_the_weights_it_has():
+    import torch
+
+    from cfnode.recovery.refit import refit
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    pairs = [(torch.randn(2, 4), torch.randn(2, 4)) for _ in range(8)]
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    result = refit(model, pairs, 10_000, 1e-2, max_seconds=0.0, progress=lambda steps, best: seen.append(steps))
+    assert (result.stopped, result.steps) == ("time budget", 0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing better found: unchanged
+    result = refit(model, pairs, 12, 1e-2, progress=lambda steps, best: seen.append(steps))
+    assert result.stopped in ("max steps", "no improvement") and seen and seen[-1] <= 12
