@@ -41,17 +41,15 @@ async def final_weights(maddr: str, spec) -> dict[int, list[tuple[str, torch.Ten
 
 
 def train(swarm: Swarm, replicas: dict[int, int], faulted: dict[int, dict[str, str]], *trainer_args: str):
-    """Bootstrap, peers (the first peer of a stage in `faulted` gets that environment), a 3-step trainer; returns
-    (final weights, trainer events)."""
+    """Bootstrap, peers (every peer of a stage in `faulted` gets that environment), a 3-step trainer; returns
+    (final weights, trainer events, peers)."""
     swarm.spec = SPEC
     swarm.start_bootstrap()
     peers = []
     for stage, count in replicas.items():
-        peers.append(swarm.start_peer(stage, env=faulted.get(stage)))
-        swarm.wait_online({stage: 1})
-        for _ in range(count - 1):  # replicas copy the first exactly
-            peers.append(swarm.start_peer(stage))
-        swarm.wait_online({stage: count})
+        for started in range(count):  # replicas copy the first exactly
+            peers.append(swarm.start_peer(stage, env=faulted.get(stage)))
+            swarm.wait_online({stage: started + 1})
     trainer, jsonl = swarm.start_trainer(STEPS, *MICROBATCHES, *trainer_args)
     assert trainer.process.wait(240) == 0, swarm.log(trainer)
     weights = asyncio.run(final_weights(swarm.maddr, swarm.spec))
@@ -89,16 +87,21 @@ def test_a_backward_cut_after_its_gradient_was_added_and_retried_counts_once(swa
 
 
 def test_a_replica_that_timed_out_and_returns_before_the_step_does_not_sum_its_share_twice(swarm, reference):
-    # Stage 2 has two replicas; the first holds one backward reply of step 1 back past the trainer's deadline. The
-    # trainer bans it for a millisecond, so it is usable again when the step group forms, with that microbatch
-    # summed: it must stay out of the group, its share replayed on the other replica.
+    # Stage 2 has two replicas, and each holds its first backward reply of step 1 back past the trainer's deadline
+    # (which replica gets which backward is the router's choice, so both are armed). The trainer bans a replica
+    # that timed out for a millisecond, so it is usable again when the step group forms, with that microbatch
+    # summed while another replica also summed it: it must stay out of the group, its share replayed elsewhere.
     weights, events, peers = train(swarm, {1: 1, 2: 2}, {2: {"CFNODE_FAULTS": "slow_backward@1",
                                                               "CFNODE_FAULT_DELAY": "12"}},
                                    "--request-timeout", "6", "--ban-seconds", "0.001")
-    slow = next(p for p in peers[1:] if "fault injected: slow_backward at step 1" in swarm.log(p))
-    # The trainer's step 2 is the peers' step 1: the slow replica's call failed then, and it was kept out of the step.
-    (timed_out,) = {e["peer"] for e in events if e["event"] == "peer_failed" and e["step"] == 2}
-    left_out = {(e["stage"], e["step"], e["peer"]) for e in events if e["event"] == "replica_left_out"}
-    assert (2, 2, timed_out) in left_out
-    assert slow.process.poll() is None
+    slow = [p for p in peers[1:] if "fault injected: slow_backward at step 1" in swarm.log(p)]
+    assert slow  # step 1 has two backwards at stage 2; at least one reached an armed replica
+    # The trainer's step 2 is the peers' step 1: a replica's call failed then, and it was kept out of the step (or,
+    # if both were, the stage's share of the step started over).
+    timed_out = {e["peer"] for e in events if e["event"] == "peer_failed" and e["step"] == 2}
+    assert timed_out
+    left_out = {e["peer"] for e in events if e["event"] == "replica_left_out" and e["step"] == 2}
+    restarted = [e for e in events if e["event"] == "stage_step_restarted" and e["step"] == 2]
+    assert (timed_out & left_out) or restarted, events
+    assert all(p.process.poll() is None for p in slow)
     assert_exact(weights, events, reference)
