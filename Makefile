@@ -8,12 +8,16 @@ BIN = $(VENV)/bin
 
 install: $(VENV)/.installed
 
-# torch is pinned first so pip does not resolve an open `torch` requirement to a multi-GB CUDA build.
+# torch is pinned first so pip does not resolve an open `torch` requirement to a multi-GB CUDA build; then cfnode
+# with its test dependencies (transformers among them, which needs no torch of its own).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# transformers (a test dependency) must not have swapped the pinned CPU torch for another build.
+	$(BIN)/python -c "import sys, torch; v = torch.__version__; sys.exit(None if v.startswith('2.13.0') else \
+		f'torch {v} replaced the pinned 2.13.0')"
 	touch $@
 
 demo: install

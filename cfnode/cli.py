@@ -15,6 +15,7 @@ import click
 
 from cfnode import __version__
 from cfnode.config import RECOVERY_MODES, ConfigError, JoinConfig, NetworkConfig, RunSpec, TrainConfig
+from cfnode.data import commands as data_commands
 
 # Errors a user can cause (bad input, an unreachable swarm): one line and a non-zero exit, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError, RuntimeError, TimeoutError)
@@ -108,6 +109,12 @@ threads_option = click.option(
          "machine each want their share of the cores: `cfnode swarm` gives each cores / processes.")
 
 
+init_from_option = click.option(
+    "--init-from", type=click.Path(exists=True, file_okay=False), metavar="DIR", envvar="CFNODE_INIT_FROM",
+    help="A local copy of the Hugging Face Llama checkpoint the run started from (the bootstrap's --init-from): this "
+         "node loads its own part of it, checked against the digest in the run spec, where no live copy exists yet.")
+
+
 @click.group(cls=CfnodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cfnode")
 def main() -> None:
@@ -126,7 +133,18 @@ def main() -> None:
               help="A trainer this run authorises: its identity file (created if missing; start that trainer with "
                    "--identity FILE) or a file with its public key line. Repeatable; at least one is needed. "
                    "Env: CFNODE_TRAINERS (space-separated).")
-def bootstrap(config_path: str | None, maddr_file: str | None, trainers: tuple[str, ...], **kw: Any) -> None:
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              envvar="CFNODE_TOKENIZER",
+              help="The run's tokenizer file (`cfnode tokenizer train`): the spec pins it by its sha256 and takes its "
+                   "vocabulary size as vocab_size, over the config's. Every trainer starts with the same file "
+                   "(`cfnode train --tokenizer FILE`). Default: the config's tokenizer, else bytes.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), metavar="DIR", envvar="CFNODE_INIT_FROM",
+              help="Start the run from a pre-trained Hugging Face Llama directory (safetensors): the model's shape "
+                   "comes from its config.json (cut into --config's num_stages, else what a cfnode export records), "
+                   "and the spec pins each stage's slice by digest. Peers and the trainer load their parts from "
+                   "their own copies (their --init-from).")
+def bootstrap(config_path: str | None, maddr_file: str | None, trainers: tuple[str, ...], init_from: str | None,
+              **kw: Any) -> None:
     """Start the DHT entry point and publish the run spec."""
     from cfnode.bootstrap.server import run_bootstrap
     from cfnode.node.runtime import run_role
@@ -140,6 +158,21 @@ def bootstrap(config_path: str | None, maddr_file: str | None, trainers: tuple[s
                                         "missing): stage peers take training calls only from the trainers the run "
                                         "spec names"))
     spec = _run("bootstrap", lambda: spec.replace(run_id=network.run_id, trainer_keys=keys))
+    if init_from is not None:
+        from cfnode.hf.init_from import spec_from_checkpoint
+
+        stages = spec.num_stages if config_path else None
+        spec = _run("bootstrap", lambda: spec_from_checkpoint(init_from, spec, stages))
+    tokenizer_path = kw.pop("tokenizer_path")
+    if tokenizer_path is not None:
+        from cfnode.data.tokenizer import pin_tokenizer
+
+        pinned = _run("bootstrap", lambda: pin_tokenizer(spec, tokenizer_path))
+        if init_from is not None and pinned.vocab_size != spec.vocab_size:
+            _run("bootstrap", lambda: _fail(f"the tokenizer file {tokenizer_path} has {pinned.vocab_size} tokens but "
+                                            f"the --init-from checkpoint's vocabulary has {spec.vocab_size}: use the "
+                                            "checkpoint's own tokenizer"))
+        spec = pinned
     _run("bootstrap", lambda: run_role(lambda: run_bootstrap(network, spec, maddr_file)))
 
 
@@ -201,10 +234,17 @@ def _parse_stage(value: str) -> int | None:
 @click.option("--trace-dir", type=click.Path(file_okay=False), metavar="DIR", envvar="CFNODE_TRACE_DIR",
               help="Write a JSON line for each forward, backward and step this peer computes, with its start and "
                    "end on the wall clock, to DIR/stage<S>-<peer id>.jsonl (pipeline timelines).")
+@init_from_option
+@click.option("--state", "state_path", type=click.Path(dir_okay=False), envvar="CFNODE_PEER_STATE",
+              help="Save this replica's exact state (weights, optimiser, step) to this file every --state-every "
+                   "steps and on leaving, so `cfnode export --from-state` can rebuild the model once the swarm is "
+                   "gone.")
+@click.option("--state-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Save the --state file every N steps (and on leaving).")
 @threads_option
 def join(stage: str, device: str, request_timeout: float, metrics_port: int | None, standby: bool,
-         leave_timeout: float, keep_activations: int, trace_dir: str | None, threads: int | None,
-         **kw: Any) -> None:
+         leave_timeout: float, keep_activations: int, trace_dir: str | None, init_from: str | None,
+         state_path: str | None, state_every: int, threads: int | None, **kw: Any) -> None:
     """Serve one pipeline stage until stopped (SIGTERM leaves cleanly, handing the stage over)."""
     from cfnode.node.join import run_join
     from cfnode.node.runtime import run_role
@@ -220,7 +260,8 @@ def join(stage: str, device: str, request_timeout: float, metrics_port: int | No
         except OSError as e:
             raise click.BadParameter(f"cannot create {trace_dir}: {e.strerror}", param_hint="--trace-dir") from None
     config = JoinConfig(_network(kw), chosen, device, request_timeout, metrics_port, standby=standby,
-                        leave_timeout=leave_timeout, keep_activations=keep_activations, trace_dir=trace_dir)
+                        leave_timeout=leave_timeout, keep_activations=keep_activations, trace_dir=trace_dir,
+                        init_from=init_from, state_path=state_path, state_every=state_every)
     _set_threads(threads)
     _run("join", lambda: run_role(lambda: run_join(config)))
 
@@ -244,7 +285,12 @@ def _check_device(device: str) -> None:
 @network_options
 @click.option("--steps", type=click.IntRange(min=1), required=True, help="Optimiser steps to train.")
 @click.option("--data", "data_path", type=click.Path(exists=True), envvar="CFNODE_DATA",
-              help="Text file or folder of .txt files. Default: the Python standard library's source.")
+              help="Text file or folder of .txt files (tokenized at start), or a token directory that `cfnode data "
+                   "prepare` wrote (memory-mapped). Default: the Python standard library's source.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              envvar="CFNODE_TOKENIZER",
+              help="The run's tokenizer file, where the run spec names one: refused unless its sha256 and size are "
+                   "the spec's. Not needed for the byte tokenizer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Sequences per step.")
 @click.option("--microbatches", type=click.IntRange(min=1), default=4, show_default=True,
@@ -276,11 +322,12 @@ def _check_device(device: str) -> None:
 @click.option("--pipe/--no-pipe", default=True, show_default=True,
               help="Send forward and backward calls on one long-lived stream per peer, instead of a stream per "
                    "call (which costs the p2p daemons and both event loops about twice the CPU per call).")
+@init_from_option
 @threads_option
 def train(steps: int, data_path: str | None, batch_size: int, microbatches: int, log_jsonl: str | None,
           eval_every: int, request_timeout: float, stage_timeout: float, ban_seconds: float, device: str, seed: int,
           client_mode: bool, metrics_port: int | None, state_path: str | None, state_every: int, pipe: bool,
-          threads: int | None, **kw: Any) -> None:
+          init_from: str | None, threads: int | None, **kw: Any) -> None:
     """Train N steps through the swarm's stages."""
     from cfnode.node.runtime import run_role
     from cfnode.node.trainer import run_train
@@ -290,7 +337,8 @@ def train(steps: int, data_path: str | None, batch_size: int, microbatches: int,
         network=_network(kw, client_mode=client_mode), steps=steps, data_path=data_path, batch_size=batch_size,
         microbatches=microbatches, log_jsonl=log_jsonl, eval_every=eval_every, request_timeout=request_timeout,
         stage_timeout=stage_timeout, ban_seconds=ban_seconds, device=device, seed=seed, metrics_port=metrics_port,
-        state_path=state_path, state_every=state_every, pipe=pipe,
+        state_path=state_path, state_every=state_every, pipe=pipe, init_from=init_from,
+        tokenizer_path=kw.pop("tokenizer_path"),
     ))
     _set_threads(threads)
     summary = _run("train", lambda: run_role(lambda: run_train(config)))
@@ -344,6 +392,65 @@ def status(as_json: bool, client_mode: bool, watch: float | None, **kw: Any) -> 
         sys.exit(1)
 
 
+@main.command()
+@network_options
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="The directory to write (new or empty): config.json, model.safetensors, generation_config.json "
+                   "and the tokenizer files.")
+@click.option("--trainer-state", type=click.Path(exists=True, dir_okay=False), envvar="CFNODE_TRAINER_STATE",
+              help="The trainer's state file (its --state), for the embedding, final norm and head. Without it they "
+                   "come from the copies the edge stages keep.")
+@click.option("--from-state", "state_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              metavar="FILE", help="Export offline, from saved state files instead of a live swarm: the trainer's "
+                                   "(`cfnode train --state`) and one per stage (`cfnode join --state`). Repeatable.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, dir_okay=False), envvar="CFNODE_TOKENIZER",
+              help="The run's tokenizer file, where the run spec names one (checked against its digest).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds to wait for one stage's weights.")
+def export(out_dir: str, trainer_state: str | None, state_files: tuple[str, ...], tokenizer_path: str | None,
+           timeout: float, **kw: Any) -> None:
+    """Write the swarm's model as a Hugging Face Llama directory that transformers loads.
+
+    From a live swarm (--initial-peers), each stage's exact weights come from one of its peers; offline
+    (--from-state), from state files. A swarm with a lost stage, or parts at different steps, is refused.
+    """
+    from cfnode.data.tokenizer import load_run_tokenizer
+    from cfnode.hf.export import collect_live, collect_offline, export_model
+    from cfnode.node.runtime import run_role
+
+    started = time.perf_counter()
+    if state_files:
+        parts = _run("export", lambda: collect_offline(state_files))
+    else:
+        network = _network(kw, client_mode=True)
+        parts = _run("export", lambda: run_role(lambda: collect_live(network, trainer_state, timeout)))
+    _run("export", lambda: load_run_tokenizer(parts.spec, tokenizer_path))  # the run's own tokenizer, or refuse
+    out = _run("export", lambda: export_model(parts, out_dir, tokenizer_path))
+    click.echo(f"exported step {parts.step} of run {parts.spec.run_id!r} to {out} in "
+               f"{time.perf_counter() - started:.1f} s: load it with transformers' "
+               f"AutoModelForCausalLM.from_pretrained, or sample with `cfnode generate --model {out}`")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="A Hugging Face Llama directory (what `cfnode export` writes).")
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="Softmax temperature; 0 always takes the most likely token.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Sample only among the K most likely tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same text.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+def generate(model_dir: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int,
+             device: str) -> None:
+    """Continue a prompt with a model directory, using cfnode's own model code (with a KV cache)."""
+    from cfnode.hf.load import sample_text
+
+    _check_device(device)
+    text = _run("generate", lambda: sample_text(model_dir, prompt, max_new_tokens, temperature, top_k, seed, device))
+    click.echo(prompt + text)
+
+
 def _parse_kill(value: str, num_stages: int) -> tuple[int, int]:
     stage, _, step = value.partition("@")
     if not (stage.isdigit() and step.isdigit()) or not 1 <= int(stage) <= num_stages or int(step) < 1:
@@ -356,7 +463,12 @@ def _parse_kill(value: str, num_stages: int) -> tuple[int, int]:
 @click.option("--stages", type=click.IntRange(min=1), help="Body stages (default: the config's, else 3).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Peers per stage.")
 @click.option("--steps", type=click.IntRange(min=1), default=150, show_default=True, help="Training steps.")
-@click.option("--data", "data_path", type=click.Path(exists=True), help="Text file or folder of .txt files.")
+@click.option("--data", "data_path", type=click.Path(exists=True),
+              help="Text file or folder of .txt files, or a token directory (`cfnode data prepare`).")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              envvar="CFNODE_TOKENIZER",
+              help="The run's tokenizer file (`cfnode tokenizer train`), for the bootstrap to pin and the trainer to "
+                   "use. Default: the config's tokenizer, else bytes.")
 @click.option("--log-jsonl", type=click.Path(dir_okay=False), help="The trainer's JSON lines log.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="Run spec file; --stages overrides its num_stages.")
@@ -373,10 +485,16 @@ def _parse_kill(value: str, num_stages: int) -> tuple[int, int]:
 @click.option("--workdir", type=click.Path(file_okay=False), help="Where the processes' logs go (default: a temp dir).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def swarm(stages: int | None, replicas: int, steps: int, data_path: str | None, log_jsonl: str | None,
-          config_path: str | None, batch_size: int, microbatches: int, kills: tuple[str, ...], churn: float,
-          churn_seed: int, recovery: str | None, workdir: str | None, log_level: str) -> None:
-    """Run a whole swarm on this machine: bootstrap, stages x replicas peers and a trainer."""
+@click.option("--export/--no-export", "export_model", default=True, show_default=True,
+              help="After training, export the model as a Hugging Face Llama directory and print a sample of it.")
+@click.option("--model-out", type=click.Path(file_okay=False), help="Where to export it (default: WORKDIR/model).")
+@click.option("--prompt", default="def ", show_default=True, help="The prompt the sample continues.")
+def swarm(stages: int | None, replicas: int, steps: int, data_path: str | None, tokenizer_path: str | None,
+          log_jsonl: str | None, config_path: str | None, batch_size: int, microbatches: int, kills: tuple[str, ...],
+          churn: float, churn_seed: int, recovery: str | None, workdir: str | None, log_level: str, export_model: bool,
+          model_out: str | None, prompt: str) -> None:
+    """Run a whole swarm on this machine: bootstrap, stages x replicas peers and a trainer; then export the
+    trained model and print a sample of it."""
     from cfnode.launcher import LocalSwarm, SwarmLayout
 
     _setup_logging(log_level)
@@ -385,11 +503,17 @@ def swarm(stages: int | None, replicas: int, steps: int, data_path: str | None, 
         spec = _run("swarm", lambda: spec.replace(num_stages=stages))
     if recovery is not None:
         spec = spec.replace(recovery=recovery)
+    if tokenizer_path is not None:  # checked here, so a bad file is one line now rather than a failed bootstrap
+        from cfnode.data.tokenizer import pin_tokenizer
+
+        spec = _run("swarm", lambda: pin_tokenizer(spec, tokenizer_path))
     schedule = [_parse_kill(k, spec.num_stages) for k in kills]
     layout = SwarmLayout(spec=spec, replicas=replicas, steps=steps, data_path=data_path, log_jsonl=log_jsonl,
                          batch_size=batch_size, microbatches=microbatches,
                          workdir=Path(workdir) if workdir else None, log_level=log_level, kills=schedule,
-                         churn=churn, churn_seed=churn_seed)
+                         churn=churn, churn_seed=churn_seed, export=export_model,
+                         model_out=Path(model_out) if model_out else None, prompt=prompt,
+                         tokenizer_path=tokenizer_path)
     code = _run("swarm", lambda: LocalSwarm(layout).run())
     sys.exit(code)
 
@@ -466,3 +590,8 @@ def churn(methods: str, rates: list[float], steps: int, target_loss: float | Non
                          eval_every=eval_every, step_hours=step_hours, rejoin_seconds=rejoin_seconds,
                          checkpoint_every=checkpoint_every, seed=seed, threads=threads)
     _run("bench churn", lambda: run_churn(chosen, rates, config, data_path, Path(out_dir), backend, target_loss))
+
+
+# `cfnode tokenizer train` and `cfnode data prepare` (cfnode/data/commands.py)
+main.add_command(data_commands.tokenizer)
+main.add_command(data_commands.data)

@@ -25,6 +25,7 @@ MAX_MICROBATCHES = 1024  # per step: a peer keeps one input gradient per microba
 WIRE_DTYPES = ("float32", "bfloat16")  # how activations and their gradients travel between trainer and stages
 MAX_STAGES = 256  # body stages a run may have; DHT validators know every stage key up to it
 MAX_TRAINER_KEYS = 16
+BYTE_TOKENIZER = "byte"  # one token per byte of UTF-8; any other tokenizer is named "sha256:<digest of its file>"
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,10 @@ def _is_rsa_public_key(value: Any) -> bool:
         return False
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -53,8 +58,15 @@ class RunSpec:
     layers_per_stage: int = 2  # identical transformer blocks per body stage
     hidden_size: int = 128
     num_heads: int = 4
+    num_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as num_heads
+    intermediate_size: int = 0  # the SwiGLU MLP's width; 0: LLaMa's rule, 8/3 x hidden_size rounded up to 32
+    rope_theta: float = 10000.0  # base of the rotary angles
+    norm_eps: float = 1e-6  # RMSNorm's epsilon
     seq_len: int = 128
-    vocab_size: int = 256  # byte-level tokenizer
+    vocab_size: int = 256  # at least 256 with the byte tokenizer; a tokenizer file's own size otherwise
+    # "byte", or "sha256:<hex>" of a Hugging Face tokenizers file (tokenizer.json) that every trainer, exporter and
+    # generator of the run must hold (cfnode/data/tokenizer.py)
+    tokenizer: str = BYTE_TOKENIZER
     lr: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max L2 norm of a stage's gradient per step
@@ -78,6 +90,10 @@ class RunSpec:
     # --trainer). Stage peers take training calls and head copies only from these peers, and newcomers trust only
     # their records and the step proofs they signed (cfnode/protocol/trust.py).
     trainer_keys: tuple[str, ...] = ()
+    # A run started from a checkpoint (`cfnode bootstrap --init-from DIR`): the sha256 of each part of it, index 0
+    # the embedding, final norm and head, index s body stage s (cfnode/hf/checkpoint.py). Empty: fresh weights from
+    # the seed.
+    init_digests: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         positive_ints = ("num_stages", "layers_per_stage", "hidden_size", "num_heads", "seq_len", "vocab_size")
@@ -85,13 +101,20 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_kv_heads", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer (0: the default), got {value!r}")
+        if self.num_heads % self.kv_heads != 0:
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.kv_heads})")
         if self.num_stages > MAX_STAGES:
             raise ConfigError(f"num_stages must be at most {MAX_STAGES}, got {self.num_stages}")
         for name in ("refit_cache", "refit_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("lr", "grad_clip", "lr_scale", "announce_ttl", "max_message_mb", "refit_lr", "refit_seconds"):
+        for name in ("lr", "grad_clip", "lr_scale", "announce_ttl", "max_message_mb", "refit_lr", "refit_seconds",
+                     "rope_theta", "norm_eps"):
             value = getattr(self, name)
             if not _is_number(value) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number, got {value!r}")
@@ -119,6 +142,18 @@ class RunSpec:
         if not isinstance(keys, tuple) or len(keys) > MAX_TRAINER_KEYS or not all(map(_is_rsa_public_key, keys)):
             raise ConfigError(f"trainer_keys must be at most {MAX_TRAINER_KEYS} OpenSSH RSA public keys "
                               "('ssh-rsa AAAA...')")
+        if self.tokenizer == BYTE_TOKENIZER:
+            if self.vocab_size < 256:
+                raise ConfigError(f"the byte tokenizer needs vocab_size of at least 256, got {self.vocab_size}")
+        elif not (isinstance(self.tokenizer, str) and self.tokenizer.startswith("sha256:")
+                  and _is_sha256(self.tokenizer.removeprefix("sha256:"))):
+            raise ConfigError(f"tokenizer must be 'byte' or 'sha256:<64 hex digits>' of a tokenizer file, "
+                              f"got {self.tokenizer!r}")
+        digests = self.init_digests
+        if not isinstance(digests, tuple) or not all(map(_is_sha256, digests)) \
+                or len(digests) not in (0, self.num_stages + 1):
+            raise ConfigError(f"init_digests must be empty or {self.num_stages + 1} sha256 hex digests "
+                              "(the head, then each body stage)")
         plain_run_id = isinstance(self.run_id, str) and self.run_id.replace("-", "").replace("_", "").isalnum()
         if not plain_run_id:
             raise ConfigError(f"run_id must be a non-empty name of letters, digits, '-' and '_', got {self.run_id!r}")
@@ -126,6 +161,22 @@ class RunSpec:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The SwiGLU MLP's width: intermediate_size, or LLaMa's 2/3 of 4 x hidden_size rounded up to 32."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        return 32 * ((int(8 * self.hidden_size / 3) + 31) // 32)
+
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        """The pinned tokenizer file's digest; None for the byte tokenizer."""
+        return None if self.tokenizer == BYTE_TOKENIZER else self.tokenizer.removeprefix("sha256:")
 
     @property
     def max_message_bytes(self) -> int:
@@ -148,7 +199,8 @@ class RunSpec:
             # TOML and YAML give ints where floats are meant ("lr: 1"); accept them.
             if known[name].type == "float" and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if name == "trainer_keys" and isinstance(value, list):  # JSON, YAML and msgpack give lists
+            # JSON, YAML and msgpack give lists
+            if name in ("trainer_keys", "init_digests") and isinstance(value, list):
                 value = tuple(value)
             values[name] = value
         return cls(**values)
@@ -218,6 +270,9 @@ class JoinConfig:
     leave_timeout: float = 30.0  # on SIGTERM: time to finish in-flight work and hand the stage's state over
     keep_activations: int = 16  # microbatches whose forward graph waits for their backward (0: recompute)
     trace_dir: str | None = None  # write a JSON line per compute call here (cfnode/node/trace.py)
+    init_from: str | None = None  # a local copy of the checkpoint the run started from (cfnode/hf/init_from.py)
+    state_path: str | None = None  # save this replica's exact state here every state_every steps and on leaving
+    state_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -226,7 +281,8 @@ class TrainConfig:
 
     network: NetworkConfig
     steps: int = 100
-    data_path: str | None = None
+    data_path: str | None = None  # raw text (file or folder of .txt), or a prepared token directory (has meta.json)
+    tokenizer_path: str | None = None  # the file the spec's tokenizer pins by digest; None for the byte tokenizer
     batch_size: int = 16
     microbatches: int = 4
     log_jsonl: str | None = None
@@ -241,6 +297,7 @@ class TrainConfig:
     state_path: str | None = None  # the trainer's own saved embedding and head, to resume from after a restart
     state_every: int = 10  # save it every N steps (and on exit)
     pipe: bool = True  # forward and backward calls on one long-lived stream per peer (protocol/pipe.py)
+    init_from: str | None = None  # a local copy of the checkpoint the run started from (cfnode/hf/init_from.py)
 
     def __post_init__(self) -> None:
         if self.steps < 1:

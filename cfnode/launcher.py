@@ -45,6 +45,12 @@ class SwarmLayout:
     churn: float = 0.0  # chance per stage per step that all its peers are SIGKILLed
     churn_seed: int = 0
     threads: int | None = None  # torch threads per process (None: the cores shared out among trainer and peers)
+    tokenizer_path: str | None = None  # the run's tokenizer file: the bootstrap pins it, the trainer and export load it
+    model_out: Path | None = None  # where the trained model is exported (None: WORKDIR/model); see export_and_sample
+    export: bool = True  # after training: export the model and print a sample of it
+    prompt: str = "def "  # what the sample continues (the default corpus is Python source)
+    sample_tokens: int = 200
+    export_args: list[str] = field(default_factory=list)  # extra flags for `cfnode export` (--tokenizer)
 
 
 @dataclass
@@ -149,7 +155,7 @@ class LocalSwarm:
         maddr_path.unlink(missing_ok=True)
         bootstrap = spawn("bootstrap", ["bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path),
                                         "--trainer", str(self.trainer_identity), "--run-id", self.layout.spec.run_id,
-                                        "--log-level", self.layout.log_level],
+                                        "--log-level", self.layout.log_level, *self.tokenizer_args()],
                           self.workdir / "bootstrap.log")
         self._record(bootstrap)
         self.maddr = wait_for_maddr(maddr_path, bootstrap, timeout=60)
@@ -204,6 +210,10 @@ class LocalSwarm:
                         self.kill_stage(stage, step)
                 done = max(done, step)
 
+    def tokenizer_args(self) -> list[str]:
+        """--tokenizer FILE for the bootstrap, the trainer and the export, where the run has a tokenizer file."""
+        return ["--tokenizer", self.layout.tokenizer_path] if self.layout.tokenizer_path else []
+
     def train_command(self) -> list[str]:
         layout = self.layout
         args = ["train", "--initial-peers", self.maddr, "--identity", str(self.trainer_identity), "--steps",
@@ -212,9 +222,42 @@ class LocalSwarm:
                 "--run-id", layout.spec.run_id, "--log-level", layout.log_level, "--threads", str(self.threads)]
         if layout.data_path:
             args += ["--data", layout.data_path]
+        args += self.tokenizer_args()
         if self.events_path is not None:
             args += ["--log-jsonl", str(self.events_path)]
+        if layout.export and "--state" not in layout.train_args:
+            args += ["--state", str(self.trainer_state)]  # the head, for the export at the end
         return args + layout.train_args
+
+    @property
+    def trainer_state(self) -> Path:
+        return self.workdir / "trainer.state"
+
+    def export_and_sample(self) -> int:
+        """Export the trained model from the live stages and the trainer's state file, then print a sample of it:
+        the swarm's product is a model directory that transformers loads, not just a loss curve."""
+        out = self.layout.model_out or self.workdir / "model"
+        print(f"exporting the model to {out}", flush=True)
+        export = subprocess.run(cfnode_command("export", "--initial-peers", self.maddr, "--run-id",
+                                               self.layout.spec.run_id, "--trainer-state", str(self.trainer_state),
+                                               "--out", str(out), "--log-level", self.layout.log_level,
+                                               *self.tokenizer_args(), *self.layout.export_args),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        (self.workdir / "export.log").write_bytes(export.stdout)
+        if export.returncode != 0:
+            print(f"the export failed (see {self.workdir / 'export.log'}):\n{export.stdout.decode()[-2000:]}",
+                  flush=True)
+            return export.returncode
+        print(export.stdout.decode().strip().splitlines()[-1], flush=True)
+        sample = subprocess.run(cfnode_command("generate", "--model", str(out), "--prompt", self.layout.prompt,
+                                               "--max-new-tokens", str(self.layout.sample_tokens), "--seed", "0"),
+                                capture_output=True)
+        if sample.returncode != 0:
+            print(f"sampling failed:\n{sample.stderr.decode()[-2000:]}", flush=True)
+            return sample.returncode
+        print(f"a sample of the trained model (prompt {self.layout.prompt!r}, seed 0):\n{sample.stdout.decode()}",
+              flush=True)
+        return 0
 
     def run(self) -> int:
         """Start everything, show the trainer's progress, stop everything; returns the trainer's exit status."""
@@ -238,7 +281,11 @@ class LocalSwarm:
             if self.layout.kills or self.layout.churn:
                 threading.Thread(target=self._churn, args=(self.events_path, stop_churn), daemon=True).start()
             _tee(trainer.process.stdout, trainer.log_path)
-            return trainer.process.wait()
+            status = trainer.process.wait()
+            if status == 0 and self.layout.export:
+                stop_churn.set()  # the model is taken from the stages as they are now: no more kills
+                status = self.export_and_sample()
+            return status
         except KeyboardInterrupt:
             print("stopping the local swarm", flush=True)
             return 130

@@ -3,6 +3,7 @@
 from cfnode.model.layers import (
     Block,
     CausalSelfAttention,
+    KVCache,
     RMSNorm,
     SwiGLU,
     apply_rotary,
@@ -13,9 +14,12 @@ from cfnode.model.stages import (
     BodyStage,
     FullModel,
     HeadModule,
+    StageCache,
+    body_stage_from_state,
     build_body_stage,
     build_head,
     count_parameters,
+    head_from_state,
 )
 
 __all__ = [
@@ -24,12 +28,16 @@ __all__ = [
     "CausalSelfAttention",
     "FullModel",
     "HeadModule",
+    "KVCache",
     "RMSNorm",
+    "StageCache",
     "SwiGLU",
     "apply_rotary",
+    "body_stage_from_state",
     "build_body_stage",
     "build_head",
     "count_parameters",
+    "head_from_state",
     "rotary_tables",
     "swiglu_hidden_size",
 ]

@@ -1,6 +1,7 @@
 """Building blocks of a LLaMa-style decoder: RMSNorm, rotary embeddings, causal attention, SwiGLU MLP, Block.
 
-Shape letters: B batch, T sequence length, C hidden size, H heads, D head size (C // H).
+Shape letters: B batch, T sequence length, C hidden size, H heads, K key/value heads (H for plain multi-head
+attention, fewer for grouped-query attention), D head size (C // H), P positions already in a KV cache.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(
-    seq_len: int, head_dim: int, base: float = 10000.0, device: torch.device | str | None = None
+    seq_len: int, head_dim: int, base: float = 10000.0, device: torch.device | str | None = None, start: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """Cosines and sines of the rotary angles, both (seq_len, head_dim // 2), in float32.
+    """Cosines and sines of the rotary angles of positions start..start+seq_len-1, both (seq_len, head_dim // 2),
+    in float32.
 
     Position t rotates pair i of a head by angle t * base^(-2i / head_dim).
     """
     if head_dim % 2 != 0:
         raise ValueError(f"rotary embeddings need an even head size, got {head_dim}")
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # (D/2,)
-    positions = torch.arange(seq_len, device=device, dtype=torch.float32)  # (T,)
+    # Whole numbers are exact in float32 (up to 2^24), so position t gets the same angle at any start.
+    positions = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)  # (T,)
     angles = torch.outer(positions, inv_freq)  # (T, D/2)
     return angles.cos(), angles.sin()
 
@@ -48,32 +51,89 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).type_as(x)  # (B, H, T, D)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with rotary positions on queries and keys."""
+class KVCache:
+    """One attention layer's past keys (after rotary) and values for generation, (B, K, P, D) each."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """P: the positions held."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append new keys and values (B, K, T, D); returns all of them, (B, K, P + T, D) each."""
+        if self.k is None or self.v is None:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal self-attention with rotary positions on queries and keys; grouped-query when num_kv_heads < num_heads
+    (each group of num_heads // num_kv_heads consecutive query heads shares one key/value head)."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None) -> None:
         super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
         if dim % num_heads != 0:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"{num_heads} heads are not a multiple of {num_kv_heads} key/value heads")
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
-        self.o = nn.Linear(dim, dim, bias=False)  # output projection, scaled down at init (see stages.py)
+        self.q = nn.Linear(dim, num_heads * self.head_dim, bias=False)
+        self.k = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(num_heads * self.head_dim, dim, bias=False)  # output projection, scaled down at init
+
+    def _project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, H, T, D), keys and values (B, K, T, D) of x (B, T, C), queries and keys rotated."""
+        B, T, _ = x.shape
+
+        def split_heads(t: Tensor, heads: int) -> Tensor:
+            return t.view(B, T, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
+
+        q = apply_rotary(split_heads(self.q(x), self.num_heads), cos, sin)  # (B, H, T, D)
+        k = apply_rotary(split_heads(self.k(x), self.num_kv_heads), cos, sin)  # (B, K, T, D)
+        v = split_heads(self.v(x), self.num_kv_heads)  # (B, K, T, D)
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        """o(softmax(q k^T / sqrt(D)) v) for q (B, H, T, D) against k, v (B, K, S, D): (B, T, C)."""
+        B, _, T, _ = q.shape
+        if self.num_kv_heads < self.num_heads:
+            # Expand only for GQA, so plain multi-head attention runs exactly the arithmetic it always did.
+            group = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(group, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(group, dim=1)  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.num_heads * self.head_dim)  # (B, T, C)
+        return self.o(y)  # (B, T, C)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        B, T, C = x.shape
+        q, k, v = self._project(x, cos, sin)
+        return self._attend(q, k, v, mask=None, is_causal=True)  # (B, T, C)
 
-        def split_heads(t: Tensor) -> Tensor:
-            return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-
-        q = apply_rotary(split_heads(self.q(x)), cos, sin)  # (B, H, T, D)
-        k = apply_rotary(split_heads(self.k(x)), cos, sin)  # (B, H, T, D)
-        v = split_heads(self.v(x))  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.o(y)  # (B, T, C)
+    def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+        """Attention of x (B, T, C) at positions P..P+T-1 over the P cached positions and itself, adding its keys
+        and values to cache; cos/sin (T, D/2) must be those positions' tables."""
+        past = cache.length
+        q, k, v = self._project(x, cos, sin)
+        k, v = cache.extend(k, v)  # (B, K, P + T, D)
+        T = q.shape[2]
+        if past == 0:
+            return self._attend(q, k, v, mask=None, is_causal=True)
+        if T == 1:
+            return self._attend(q, k, v, mask=None, is_causal=False)  # the newest position sees everything
+        # SDPA's is_causal aligns the mask top-left, which is wrong once there is a past: new query i (absolute
+        # position P + i) must see keys 0..P + i.
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)  # (T, P + T)
+        return self._attend(q, k, v, mask=mask, is_causal=False)
 
 
 def swiglu_hidden_size(dim: int, multiple_of: int = 32) -> int:
@@ -85,9 +145,9 @@ def swiglu_hidden_size(dim: int, multiple_of: int = 32) -> int:
 class SwiGLU(nn.Module):
     """Gated MLP: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, hidden: int | None = None) -> None:
         super().__init__()
-        hidden = swiglu_hidden_size(dim)
+        hidden = hidden or swiglu_hidden_size(dim)
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down (output projection, scaled down at init)
@@ -99,14 +159,27 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: the residual stream is only ever added to, never normalised in place."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        mlp_hidden: int | None = None,
+        norm_eps: float = 1e-6,
+    ) -> None:
         super().__init__()
-        self.norm1 = RMSNorm(dim)
-        self.attn = CausalSelfAttention(dim, num_heads)
-        self.norm2 = RMSNorm(dim)
-        self.mlp = SwiGLU(dim)
+        self.norm1 = RMSNorm(dim, norm_eps)
+        self.attn = CausalSelfAttention(dim, num_heads, num_kv_heads)
+        self.norm2 = RMSNorm(dim, norm_eps)
+        self.mlp = SwiGLU(dim, mlp_hidden)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x), cos, sin)  # (B, T, C)
+        x = x + self.mlp(self.norm2(x))  # (B, T, C)
+        return x
+
+    def forward_cached(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+        """forward() for new positions after those in cache (see CausalSelfAttention.forward_cached)."""
+        x = x + self.attn.forward_cached(self.norm1(x), cos, sin, cache)  # (B, T, C)
         x = x + self.mlp(self.norm2(x))  # (B, T, C)
         return x

@@ -27,7 +27,7 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
         stage = await pick_stage(config, dht, spec, client)
         trace = ComputeTrace(config.trace_dir, stage, identity.peer_id.to_base58()) if config.trace_dir else None
         peer = StagePeer(spec, stage, identity, dht, client, config.device, config.request_timeout,
-                         config.keep_activations, trace)
+                         config.keep_activations, trace, config.init_from, config.state_path, config.state_every)
         metrics = PeerMetrics(peer)
         metrics_server = contextlib.ExitStack()  # bound first: a busy port fails before this peer announces
         metrics_server.enter_context(serving(metrics.registry, config.network.host, config.metrics_port))
@@ -46,6 +46,7 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
                 ready.set()
             await wait_forever()
         finally:
+            served = peer.state == PeerState.ONLINE
             if peer.state == PeerState.ONLINE and config.leave_timeout > 0:  # the announcer refreshes LEAVING
                 logger.info(f"stage {stage}: leaving (up to {config.leave_timeout:.0f} s to hand over)")
                 try:
@@ -57,6 +58,9 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
             peer.state = PeerState.LEAVING
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(peer.announce(), 2.0)
+            if served:  # its final state, for an offline export (a peer that never served keeps the old file)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(peer.save_state(), config.leave_timeout or 10.0)
             with contextlib.suppress(Exception):
                 await service.remove_p2p_handlers(p2p)
             peer.close()

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from hivemind.utils.logging import get_logger
 
+from cfnode.hf.init_from import initial_state
 from cfnode.model import build_body_stage
 from cfnode.node.discovery import live_stage_map
 from cfnode.node.stage_state import load_snapshot, make_optimizer, model_state
@@ -95,7 +96,10 @@ class Joining:
         downloaded = time.perf_counter()
         snapshots = [snap for _, snap in downloads]
         norms = [snap.grad_norm for snap in snapshots]
-        fresh = build_body_stage(self.spec, self.stage).state_dict() if not plan.sources else {}
+        if plan.kind == "fresh":  # the run's starting weights: the seed's, or its checkpoint's
+            fresh = await self._compute(initial_state, self.spec, self.stage, self.init_from)
+        else:  # "random" recovery starts a lost stage over from the seed (the paper's baseline)
+            fresh = build_body_stage(self.spec, self.stage).state_dict() if not plan.sources else {}
         new_state = await self._compute(rebuild_weights, plan, [model_state(s) for s in snapshots], norms, fresh)
         async with self._state_lock:
             await self._compute(self.model.load_state_dict, new_state)

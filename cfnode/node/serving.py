@@ -184,6 +184,8 @@ class Serving:
                                             ledger_digest(request.session, summed), summed)
             self._applied_grads, self._input_grads = self._input_grads, {}
             self._kept.clear()  # their graphs saw the weights this step just changed
+        if self.state_path is not None and self.current_step % self.state_every == 0:
+            self._spawn(self.save_state())
         if time.monotonic() - self._announced_at > STEP_ANNOUNCE_SECONDS:
             self._spawn(self.announce())  # status sees the new step soon; a store per step would cost much CPU
         return self._applied_reply

@@ -21,7 +21,7 @@ from cfnode.model import build_body_stage
 from cfnode.node.joining import Joining
 from cfnode.node.leaving import Leaving
 from cfnode.node.serving import Serving
-from cfnode.node.stage_state import make_optimizer
+from cfnode.node.stage_state import make_optimizer, save_state_file, snapshot
 from cfnode.node.trace import ComputeTrace
 from cfnode.protocol.identity import Identity
 from cfnode.protocol.keys import stage_key
@@ -55,8 +55,11 @@ class StagePeer(Joining, Serving, Leaving):
 
     def __init__(self, spec: RunSpec, stage: int, identity: Identity, dht: hivemind.DHT, client: StageClient,
                  device: str = "cpu", request_timeout: float = 30.0, keep_activations: int = 16,
-                 trace: ComputeTrace | None = None):
+                 trace: ComputeTrace | None = None, init_from: str | None = None, state_path: str | None = None,
+                 state_every: int = 10):
         self.spec, self.stage, self.identity = spec, stage, identity
+        self.init_from = init_from  # a local copy of the checkpoint the run started from, if it did
+        self.state_path, self.state_every = state_path, state_every  # this replica's saved state, for exports
         self.peer_id = identity.peer_id.to_base58()
         self.dht, self.client = dht, client
         self.device = torch.device(device)
@@ -151,6 +154,19 @@ class StagePeer(Joining, Serving, Leaving):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    async def save_state(self) -> None:
+        """Write this replica's exact state (weights, optimiser, step) to its state file (`cfnode join --state`), so
+        `cfnode export` can rebuild the model once the swarm is gone. Taken under the state lock: one step's state."""
+        if self.state_path is None:
+            return
+        async with self._state_lock:
+            state = await self._compute(snapshot, self.stage, self.current_step, self.grad_norm, self.model,
+                                        self.optimizer, False, self.step_proof)
+        try:
+            await self._compute(save_state_file, state, self.state_path, self.spec)
+        except OSError as e:
+            logger.warning(f"stage {self.stage}: could not save the state to {self.state_path}: {e}")
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

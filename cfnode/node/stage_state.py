@@ -75,26 +75,46 @@ def load_snapshot(state: StateSnapshot, model: BodyStage, optimizer: torch.optim
     model.load_state_dict(model_state)
 
 
-def save_state_file(state: StateSnapshot, path: str | Path, run_id: str) -> None:
-    """Write a snapshot to a file atomically: a crash mid-write leaves the previous file intact."""
+def save_state_file(state: StateSnapshot, path: str | Path, spec: RunSpec) -> None:
+    """Write a snapshot, with the run spec it belongs to, to a file atomically: a crash mid-write leaves the previous
+    file intact. The spec lets `cfnode export` rebuild the model from state files alone."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    torch.save({"run_id": run_id, "stage": state.stage, "step": state.step, "grad_norm": state.grad_norm,
-                "names": state.names, "tensors": state.tensors, "param_groups": state.param_groups}, partial)
+    torch.save({"run_id": spec.run_id, "spec": spec.to_dict(), "stage": state.stage, "step": state.step,
+                "grad_norm": state.grad_norm, "names": state.names, "tensors": state.tensors,
+                "param_groups": state.param_groups, "step_proof": state.step_proof}, partial)
     os.replace(partial, path)
 
 
-def load_state_file(path: str | Path, run_id: str) -> StateSnapshot:
-    """A snapshot written by save_state_file for this run; ProtocolError if it is not one."""
+def state_file_spec(path: str | Path) -> RunSpec | None:
+    """The run spec a state file records (None for a file that records none); ProtocolError if unreadable."""
+    data = _read_state_file(path)
+    if "spec" not in data:
+        return None
+    try:
+        return RunSpec.from_dict(data["spec"])
+    except (ValueError, TypeError) as e:
+        raise ProtocolError(f"state file {path} records a malformed run spec: {e}") from None
+
+
+def _read_state_file(path: str | Path) -> dict:
     try:
         data = torch.load(path, weights_only=True)
     except Exception as e:  # not a torch file, truncated, unreadable
         raise ProtocolError(f"cannot read state file {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(data, dict) or data.get("run_id") != run_id:
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{path} is not a cfnode state file")
+    return data
+
+
+def load_state_file(path: str | Path, run_id: str) -> StateSnapshot:
+    """A snapshot written by save_state_file for this run; ProtocolError if it is not one."""
+    data = _read_state_file(path)
+    if data.get("run_id") != run_id:
         raise ProtocolError(f"state file {path} is not from run {run_id!r}")
     try:
         return StateSnapshot(int(data["stage"]), int(data["step"]), data["grad_norm"], list(data["names"]),
-                             list(data["tensors"]), list(data["param_groups"]))
+                             list(data["tensors"]), list(data["param_groups"]), str(data.get("step_proof", "")))
     except (KeyError, TypeError, ValueError) as e:
         raise ProtocolError(f"state file {path} is malformed: {e}") from None
 

@@ -26,7 +26,8 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import RunSpec, TrainConfig
-from cfnode.data import TextDataset, batch_generator, load_corpus
+from cfnode.data import TextDataset, batch_generator, load_run_dataset, load_run_tokenizer
+from cfnode.hf.init_from import initial_state
 from cfnode.model import build_head
 from cfnode.node.events import EventLog
 from cfnode.node.metrics import TrainerMetrics, serving
@@ -114,6 +115,8 @@ class Trainer(Stepping):
             self.step = swarm_step(self.router.stage_map, self.spec)
             if self.step > 0:
                 await self._restore_head()
+            elif self.spec.init_digests:  # a run started from a checkpoint starts from its embedding and head
+                await self._start_head_from_checkpoint()
             first_step, last_loss, val_loss = self.step, float("nan"), None
             logger.info(f"training steps {self.step + 1}..{self.step + self.config.steps} over "
                         f"{self.spec.num_stages} stages; {self.dataset.train_tokens:,} training tokens")
@@ -138,6 +141,8 @@ class Trainer(Stepping):
                 self.events.emit("step", **record)
                 logger.info(f"step {done}/{self.config.steps} (swarm step {self.step}) | loss {last_loss:.4f} | "
                             f"{tokens / elapsed:,.0f} tok/s{val_text}")
+            if self.spec.head_copy_every and self.step % self.spec.head_copy_every != 0:
+                await self._copy_head_to_edges()  # the edges hold the final head too: `cfnode export` takes it
             summary = dict(final_step=self.step, loss=last_loss, val_loss=val_loss, ledger_checks=self.ledger_checks,
                            step_mismatches=self.events.counts.get("step_mismatch", 0), events=dict(self.events.counts))
             self.events.emit("train_finished", **{k: v for k, v in summary.items() if k != "events"})
@@ -450,7 +455,7 @@ class Trainer(Stepping):
         if self.config.state_path is None:
             return
         state = await self._compute(snapshot, 0, self.step, self.grad_norms.get(0), self.head, self.optimizer)
-        await self._compute(save_state_file, state, self.config.state_path, self.spec.run_id)
+        await self._compute(save_state_file, state, self.config.state_path, self.spec)
 
     async def _restore_head(self) -> None:
         """Continue from the newest copy of the embedding and head: this trainer's own state file or the copies
@@ -475,8 +480,17 @@ class Trainer(Stepping):
                         f"the swarm is at step {self.step})")
             self.events.emit("head_restored", step=self.step + 1, source=source, copied_at=state.step)
             return
+        if self.spec.init_digests:
+            logger.warning(f"the swarm is at step {self.step} but no edge stage holds a copy of the embedding and "
+                           "head; starting them from the checkpoint the run started from")
+            await self._start_head_from_checkpoint()
+            return
         logger.warning(f"the swarm is at step {self.step} but no edge stage holds a copy of the embedding and head; "
                        "starting them from the run spec's seed")
+
+    async def _start_head_from_checkpoint(self) -> None:
+        state = await self._compute(initial_state, self.spec, 0, self.config.init_from)
+        await self._compute(self.head.load_state_dict, state)
 
     # --- local compute (one worker thread: the head's autograd is not shared between threads) --------------
 
@@ -546,7 +560,10 @@ def _describe(error: BaseException) -> str:
 
 
 def load_dataset(config: TrainConfig, spec: RunSpec) -> TextDataset:
-    return TextDataset(load_corpus(config.data_path), spec.seq_len)
+    """The trainer's data with the run's tokenizer: a tokenizer file that is not the one the spec pins, or prepared
+    tokens made with another tokenizer, are refused (DataError) before any training."""
+    tokenizer = load_run_tokenizer(spec, config.tokenizer_path)
+    return load_run_dataset(spec, tokenizer, config.data_path)
 
 
 async def run_train(config: TrainConfig) -> dict:

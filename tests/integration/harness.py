@@ -68,14 +68,14 @@ class Swarm:
         self._count += 1
         return f"{self._count:02d}-{role}"
 
-    def start_bootstrap(self) -> str:
+    def start_bootstrap(self, *extra: str) -> str:
         spec_path = self.workdir / "spec.json"
         spec_path.write_text(json.dumps(self.spec.to_dict()))
         maddr_path = self.workdir / "bootstrap.maddr"
         name = self._name("bootstrap")
         # Two trainers are authorised: trainer processes use one identity, test code driving RPCs the other.
         child = spawn(name, ["bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path),
-                             "--trainer", str(self.trainer_identity), "--trainer", str(self.client_identity)],
+                             "--trainer", str(self.trainer_identity), "--trainer", str(self.client_identity), *extra],
                       self.workdir / f"{name}.log")
         self.children.append(child)
         self.maddr = wait_for_maddr(maddr_path, child, timeout=60)

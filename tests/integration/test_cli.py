@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from cfnode.launcher import cfnode_command, group_alive
+from cfnode.data import file_sha256, train_bpe
+from cfnode.launcher import cfnode_command, group_alive, spawn, wait_for_maddr
 from tests.integration.harness import wait_until
 
 
@@ -19,7 +20,8 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> s
                           env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("command", ["", "bootstrap", "join", "train", "status", "swarm", "identity"])
+@pytest.mark.parametrize("command", ["", "bootstrap", "join", "train", "status", "swarm", "identity", "tokenizer",
+                                     "data"])
 def test_every_command_has_help(command):
     result = run(*([command] if command else []), "--help")
     assert result.returncode == 0 and "Usage:" in result.stdout
@@ -137,6 +139,11 @@ def test_swarm_command_trains_and_leaves_nothing_behind(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "trained to step 4" in result.stdout
     assert len([line for line in jsonl.read_text().splitlines() if '"event": "step"' in line]) == 4
+    # The demo's product: the trained model exported from the live stages, and a sample of text from it.
+    assert "exported step 4" in result.stdout and "a sample of the trained model (prompt 'def '" in result.stdout
+    model = workdir / "model"
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= \
+        {f.name for f in model.iterdir()}
     groups = _groups(workdir)
     assert len(groups) == 4  # bootstrap, two peers, trainer
     wait_until(lambda: not any(group_alive(g) for g in groups), 15, "every swarm process to exit")
@@ -158,3 +165,67 @@ def test_swarm_stops_everything_on_ctrl_c(tmp_path):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+TOKENIZER_TEXT = "The trainer reads text, the tokenizer cuts it into tokens: naïve café ✓ 🎉\n" * 60
+
+
+def test_tokenizer_train_and_data_prepare_commands(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TOKENIZER_TEXT)
+    tokenizer = tmp_path / "tokenizer.json"
+    trained = run("tokenizer", "train", "--data", str(text), "--vocab-size", "280", "--out", str(tokenizer),
+                  "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    digest = file_sha256(tokenizer)
+    assert f"vocab size 280, sha256 {digest}" in trained.stdout
+    assert f"cfnode bootstrap --tokenizer {tokenizer}" in trained.stdout
+    prepared = run("data", "prepare", "--data", str(text), "--tokenizer", str(tokenizer), "--out",
+                   str(tmp_path / "tokens"))
+    assert prepared.returncode == 0, prepared.stderr
+    meta = json.loads((tmp_path / "tokens" / "meta.json").read_text())
+    assert meta["tokenizer"] == f"sha256:{digest}" and meta["vocab_size"] == 280 and meta["num_tokens"] > 0
+    assert f"wrote {meta['num_tokens']:,} tokens" in prepared.stdout and "cfnode train --data" in prepared.stdout
+    as_bytes = run("data", "prepare", "--data", str(text), "--out", str(tmp_path / "bytes"), "--log-level", "warning")
+    assert as_bytes.returncode == 0, as_bytes.stderr
+    meta = json.loads((tmp_path / "bytes" / "meta.json").read_text())
+    assert meta["tokenizer"] == "byte" and meta["num_tokens"] == len(text.read_bytes())
+    # Bad input: one line, no traceback.
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"text\n\xff\xfe not utf-8")
+    for args, reason in [
+        (["tokenizer", "train", "--vocab-size", "100"], "--vocab-size"),
+        (["data", "prepare", "--data", str(bad), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "x")],
+         "not UTF-8 text"),
+        (["data", "prepare", "--tokenizer", str(text), "--out", str(tmp_path / "y")],
+         "is not a Hugging Face tokenizers file"),
+    ]:
+        result = run(*args)
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert result.returncode != 0 and len(errors) == 1 and reason in errors[0], result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_trainer_refuses_a_tokenizer_file_the_run_does_not_pin(swarm, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TOKENIZER_TEXT)
+    ours, theirs = tmp_path / "ours.json", tmp_path / "theirs.json"
+    train_bpe(text, 280, ours, progress=False)
+    train_bpe(["quite another text, so quite another tokenizer\n" * 40], 280, theirs, progress=False)
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(swarm.spec.to_dict()))  # the byte tokenizer: --tokenizer overrides it
+    maddr_path = tmp_path / "bootstrap.maddr"
+    bootstrap = spawn("bootstrap", ["bootstrap", "--config", str(spec_path), "--maddr-file", str(maddr_path),
+                                    "--trainer", str(swarm.trainer_identity), "--tokenizer", str(ours)],
+                      tmp_path / "bootstrap.log")
+    swarm.children.append(bootstrap)
+    swarm.maddr = wait_for_maddr(maddr_path, bootstrap, timeout=60)
+    trainer, _ = swarm.start_trainer(5, "--tokenizer", str(theirs))
+    assert trainer.process.wait(120) == 1
+    log = swarm.log(trainer)
+    errors = [line for line in log.splitlines() if line.startswith("cfnode train: error:")]
+    assert len(errors) == 1 and "Traceback" not in log, log
+    assert "is not the run's tokenizer" in errors[0]
+    assert f"its sha256 is {file_sha256(theirs)}" in errors[0]
+    assert f"the run spec pins sha256 {file_sha256(ours)}" in errors[0]
+    assert "run tokenizer:" in swarm.log(bootstrap)

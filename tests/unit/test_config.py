@@ -60,6 +60,17 @@ def test_replace_validates():
         ({"run_id": ""}, "run_id"),
         ({"run_id": "-"}, "run_id"),
         ({"run_id": 7}, "run_id"),
+        ({"num_kv_heads": 3}, "num_kv_heads"),  # 4 heads do not share 3 key/value heads evenly
+        ({"num_kv_heads": -1}, "num_kv_heads"),
+        ({"intermediate_size": -5}, "intermediate_size"),
+        ({"rope_theta": 0}, "rope_theta"),
+        ({"norm_eps": -1e-6}, "norm_eps"),
+        ({"vocab_size": 200}, "byte tokenizer"),  # a byte needs 256 ids
+        ({"tokenizer": "bpe"}, "tokenizer"),
+        ({"tokenizer": "sha256:abc"}, "tokenizer"),
+        ({"tokenizer": 5}, "tokenizer"),
+        ({"init_digests": ("0" * 64,)}, "init_digests"),  # one per part: the head and each of 3 stages
+        ({"init_digests": ("x" * 64,) * 4}, "init_digests"),
     ],
 )
 def test_invalid_values_refused(changes, field):
@@ -293,3 +304,15 @@ def test_the_stage_timeout_takes_seconds_or_forever():
         with pytest.raises(click.BadParameter):
             SECONDS_OR_FOREVER.convert(bad, None, None)
     assert TrainConfig(NetworkConfig(), stage_timeout=math.inf).stage_timeout == math.inf
+
+
+def test_model_shape_defaults_and_checkpoint_fields():
+    spec = RunSpec()
+    assert (spec.kv_heads, spec.mlp_hidden, spec.tokenizer_sha256) == (spec.num_heads, 352, None)
+    digest = "ab" * 32
+    shaped = RunSpec(num_kv_heads=2, intermediate_size=96, tokenizer=f"sha256:{digest}", vocab_size=300,
+                     init_digests=(digest,) * 4)
+    assert (shaped.kv_heads, shaped.mlp_hidden, shaped.tokenizer_sha256) == (2, 96, digest)
+    # The published spec travels as a dict of plain values (msgpack gives lists back): it round-trips.
+    wire = {k: list(v) if isinstance(v, tuple) else v for k, v in shaped.to_dict().items()}
+    assert RunSpec.from_dict(wire) == shaped

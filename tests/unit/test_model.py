@@ -133,3 +133,48 @@ def test_adamw_reduces_loss():
         loss.backward()
         optimizer.step()
     assert model.loss(inputs, targets).item() < 0.7 * first
+
+
+def test_shape_comes_from_the_spec():
+    spec = SPEC.replace(hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=96, norm_eps=1e-5,
+                        rope_theta=500000.0)
+    stage = build_body_stage(spec, 1)
+    sd = stage.state_dict()
+    assert sd["blocks.0.attn.q.weight"].shape == (64, 64)
+    assert sd["blocks.0.attn.k.weight"].shape == sd["blocks.0.attn.v.weight"].shape == (2 * 16, 64)
+    assert sd["blocks.0.mlp.w1.weight"].shape == (96, 64) and sd["blocks.0.mlp.w2.weight"].shape == (64, 96)
+    assert stage.blocks[0].norm1.eps == stage.blocks[0].norm2.eps == build_head(spec).norm.eps == 1e-5
+    assert stage.rope_theta == 500000.0
+    # defaults: LLaMa's MLP width and plain multi-head attention
+    default = build_body_stage(SPEC, 1).state_dict()
+    assert default["blocks.0.mlp.w1.weight"].shape == (SPEC.mlp_hidden, SPEC.hidden_size) == (96, 32)
+    assert default["blocks.0.attn.k.weight"].shape == (SPEC.hidden_size, SPEC.hidden_size)
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+    """GQA with K key/value heads is multi-head attention whose key/value heads repeat in groups of H // K."""
+    gqa_spec = SPEC.replace(hidden_size=64, num_heads=4, num_kv_heads=2)
+    mha_spec = gqa_spec.replace(num_kv_heads=0)
+    gqa = build_body_stage(gqa_spec, 1)
+    state = gqa.state_dict()
+    for name in ("blocks.0.attn.k.weight", "blocks.0.attn.v.weight"):
+        state[name] = state[name].view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)
+    mha = BodyStage(mha_spec)
+    mha.load_state_dict(state)
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), mha(x), rtol=0, atol=1e-6)
+
+
+def test_full_model_from_states_holds_the_tensors():
+    model = FullModel(SPEC)
+    head, stages = model.head.state_dict(), [stage.state_dict() for stage in model.stages]
+    rebuilt = FullModel.from_states(SPEC, head, stages)
+    assert rebuilt.head.embedding.weight.data_ptr() == head["embedding.weight"].data_ptr()  # no copy
+    x = tokens(length=6)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="lm_head"):
+        FullModel.from_states(SPEC, {k: v for k, v in head.items() if k != "lm_head.weight"}, stages)
+    with pytest.raises(ValueError, match="3 body stages"):
+        FullModel.from_states(SPEC, head, stages[:2])

@@ -13,6 +13,7 @@ from cfnode.node.stage_state import (
     make_optimizer,
     save_state_file,
     snapshot,
+    state_file_spec,
 )
 from cfnode.protocol.messages import ProtocolError, StateSnapshot, from_chunks, to_chunks
 
@@ -242,9 +243,11 @@ def test_state_file_round_trip_and_refusals(tmp_path):
     optimizer = make_optimizer(model, SPEC)
     state = snapshot(1, 7, 0.25, model, optimizer)
     path = tmp_path / "state.pt"
-    save_state_file(state, path, "run")
+    spec = SPEC.replace(run_id="run")
+    save_state_file(state, path, spec)
     loaded = load_state_file(path, "run")
     assert (loaded.stage, loaded.step, loaded.grad_norm, loaded.names) == (1, 7, 0.25, state.names)
+    assert state_file_spec(path) == spec  # a state file alone says which model it belongs to
     assert all(torch.equal(a, b) for a, b in zip(loaded.tensors, state.tensors))
     assert not (tmp_path / "state.pt.partial").exists()
     with pytest.raises(ProtocolError, match="not from run"):
