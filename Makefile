@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/cfnode swarm
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=30
 
 lint: install
 	$(BIN)/ruff check .
