@@ -414,7 +414,6 @@ def export(out_dir: str, trainer_state: str | None, state_files: tuple[str, ...]
     From a live swarm (--initial-peers), each stage's exact weights come from one of its peers; offline
     (--from-state), from state files. A swarm with a lost stage, or parts at different steps, is refused.
     """
-    from cfnode.data.tokenizer import load_run_tokenizer
     from cfnode.hf.export import collect_live, collect_offline, export_model
     from cfnode.node.runtime import run_role
 
@@ -424,7 +423,6 @@ def export(out_dir: str, trainer_state: str | None, state_files: tuple[str, ...]
     else:
         network = _network(kw, client_mode=True)
         parts = _run("export", lambda: run_role(lambda: collect_live(network, trainer_state, timeout)))
-    _run("export", lambda: load_run_tokenizer(parts.spec, tokenizer_path))  # the run's own tokenizer, or refuse
     out = _run("export", lambda: export_model(parts, out_dir, tokenizer_path))
     click.echo(f"exported step {parts.step} of run {parts.spec.run_id!r} to {out} in "
                f"{time.perf_counter() - started:.1f} s: load it with transformers' "
@@ -538,58 +536,93 @@ def _comma_list(kind: type, choices: tuple[str, ...] | None = None) -> Callable[
 
 
 @bench.command()
-@click.option("--methods", default="all", show_default=True,
-              help="Comma list of none, checkpoint, redundant, checkfree, checkfree+, uniform, copy, random, "
-                   "checkfree+refit, checkfree++refit, copy+refit, or all (with --backend swarm: checkfree).")
+@click.option("--methods", default="none,checkpoint,checkpoint-yd,redundant,checkfree,checkfree+,checkfree+refit,"
+                                   "checkfree++refit", show_default=True,
+              help="Comma list of none, checkpoint, checkpoint-yd, redundant, checkfree, checkfree+, uniform, copy, "
+                   "random, checkfree+refit, checkfree++refit, copy+refit, or all (with --backend swarm: checkfree).")
 @click.option("--failure-rates", "rates", default="0.05,0.10,0.16", show_default=True,
-              callback=_comma_list(float), help="Hourly failure rates per stage, comma list.")
-@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Training steps per run.")
-@click.option("--target-loss", type=float, help="Target validation loss (default: the no-failure run's at 75% "
-                                                "of its steps).")
+              callback=_comma_list(float), help="Hourly failure rates per stage, comma list: 5/10/16/33% use the "
+                                                "paper's per-iteration probabilities, others "
+                                                "1 - (1 - rate) ** (--paper-iteration-seconds / 3600).")
+@click.option("--steps", type=click.IntRange(min=1), default=600, show_default=True,
+              help="Training steps per run (at least; a run goes on to the target).")
+@click.option("--target-loss", type=float, help="Target validation loss (default: the mean over seeds of the "
+                                                "no-failure runs' at 75% of their steps).")
 @click.option("--data", "data_path", type=click.Path(exists=True),
               help="Text file or folder of .txt files. Default: the built-in corpus.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the failures, data order and weights.")
+@click.option("--seeds", default="0,1,2", show_default=True, callback=_comma_list(int),
+              help="Seeds of the failures, data order and weights, comma list; every method runs each.")
+@click.option("--seed", type=int, help="One seed only (the same as --seeds N).")
+@click.option("--jobs", type=click.IntRange(min=1), help="Runs in parallel processes, one torch thread each "
+                                                         "(default: the cores available). Results do not depend on it.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="churn-bench", show_default=True,
               help="Where the table, plots, JSON and checkpoints go.")
 @click.option("--backend", type=click.Choice(["sim", "swarm"]), default="sim", show_default=True,
-              help="sim: one process; swarm: real processes on 127.0.0.1 for the live recovery modes.")
-@click.option("--step-hours", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
-              help="Hours of training one step stands for: p = 1 - (1 - rate) ** step_hours per stage per step.")
-@click.option("--rejoin-seconds", type=click.FloatRange(min=0), default=6.0, show_default=True,
-              help="Detection + newcomer start-up charged per failure, the same for every method.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Steps between checkpoints (method checkpoint).")
+              help="sim: in-process pipelines; swarm: real processes on 127.0.0.1 for the live recovery modes, one "
+                   "swarm at a time (each beside its sim run; pass one rate, one seed and fewer --steps).")
+@click.option("--downtime", type=click.FloatRange(min=0), help="Iterations lost per failure event, every method "
+                                                               "(default: the paper's 30 s / its iteration, 0.33).")
+@click.option("--checkpoint-gb", type=click.FloatRange(min=0), default=6.0, show_default=True,
+              help="GB a checkpoint saves or restores (the paper's 500M parameters x 12 bytes: weights + AdamW).")
+@click.option("--storage-mbps", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
+              help="Checkpoint storage bandwidth, megabytes per second (100 MB/s = the paper's ~800 Mbit/s links).")
+@click.option("--paper-iteration-seconds", type=click.FloatRange(min=0, min_open=True), default=91.0,
+              show_default=True, help="Seconds of the paper's plain iteration: the time unit the costs are "
+                                      "expressed in, and the rate -> p rule for rates outside the paper's table.")
+@click.option("--save-cost", type=click.FloatRange(min=0), help="Iterations per checkpoint save (default: "
+                                                                "checkpoint GB / storage MB/s / iteration s).")
+@click.option("--restore-cost", type=click.FloatRange(min=0), help="Iterations per rollback of every stage to the "
+                                                                   "last save (default: as --save-cost's default).")
+@click.option("--redundant-cost", type=click.FloatRange(min=1), help="Iteration cost of redundant computation "
+                                                                     "(default: each run's measured ratio; the "
+                                                                     "paper's is 151/91 = 1.66).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Steps between checkpoints of method checkpoint (checkpoint-yd: the Young-Daly interval).")
 @click.option("--stages", type=click.IntRange(min=2), default=4, show_default=True)
-@click.option("--layers-per-stage", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--hidden", type=click.IntRange(min=8), default=64, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--layers-per-stage", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=8), default=32, show_default=True)
+@click.option("--heads", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=8), default=32, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--microbatches", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--eval-every", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--eval-every", type=click.IntRange(min=1), default=25, show_default=True,
               help="Validation loss every N iterations.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads.")
+@click.option("--eval-batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Validation batches per evaluation.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per run.")
 @click.option("--refit-cache", type=click.IntRange(min=1), default=16, show_default=True,
               help="The +refit methods: (input, output) pairs kept per stage for the refit.")
 @click.option("--refit-steps", type=click.IntRange(min=1), default=200, show_default=True,
               help="The +refit methods: at most this many refit steps.")
-def churn(methods: str, rates: list[float], steps: int, target_loss: float | None, data_path: str | None, seed: int,
-          out_dir: str, backend: str, step_hours: float, rejoin_seconds: float, checkpoint_every: int, stages: int,
-          layers_per_stage: int, hidden: int, seq_len: int, batch_size: int, microbatches: int, eval_every: int,
-          threads: int, refit_cache: int, refit_steps: int) -> None:
+def churn(methods: str, rates: list[float], steps: int, target_loss: float | None, data_path: str | None,
+          seeds: list[int], seed: int | None, jobs: int | None, out_dir: str, backend: str, downtime: float | None,
+          checkpoint_gb: float, storage_mbps: float, paper_iteration_seconds: float, save_cost: float | None,
+          restore_cost: float | None, redundant_cost: float | None, checkpoint_every: int, stages: int,
+          layers_per_stage: int, hidden: int, heads: int, seq_len: int, batch_size: int, microbatches: int,
+          eval_every: int, eval_batches: int, threads: int, refit_cache: int, refit_steps: int) -> None:
     """Time to a target validation loss under stage failures, per recovery method (the paper's Table 2)."""
-    from cfnode.bench.churn import DEFAULT_SPEC, ChurnConfig, run_churn
+    from cfnode.bench.churn import DEFAULT_SPEC, ChurnConfig, default_jobs, run_churn
     from cfnode.bench.sim import METHODS
+    from cfnode.bench.time_model import TimeModel
 
     chosen = list(METHODS) if methods.strip() == "all" else _comma_list(str, METHODS)(None, None, methods)
     if backend == "swarm" and methods.strip() == "all":
         chosen = ["checkfree"]
+    if seed is not None:
+        seeds = [seed]
     spec = _run("bench churn", lambda: DEFAULT_SPEC.replace(num_stages=stages, layers_per_stage=layers_per_stage,
-                                                            hidden_size=hidden, seq_len=seq_len, seed=seed,
-                                                            refit_cache=refit_cache, refit_steps=refit_steps))
+                                                            hidden_size=hidden, num_heads=heads, seq_len=seq_len,
+                                                            seed=seeds[0], refit_cache=refit_cache,
+                                                            refit_steps=refit_steps))
+    model = _run("bench churn", lambda: TimeModel.from_numbers(
+        state_bytes=checkpoint_gb * 1e9, storage_bytes_per_second=storage_mbps * 1e6,
+        iteration_seconds=paper_iteration_seconds, downtime=downtime, save_cost=save_cost, restore_cost=restore_cost,
+        redundant_cost=redundant_cost))
     config = ChurnConfig(spec=spec, steps=steps, batch_size=batch_size, microbatches=microbatches,
-                         eval_every=eval_every, step_hours=step_hours, rejoin_seconds=rejoin_seconds,
-                         checkpoint_every=checkpoint_every, seed=seed, threads=threads)
-    _run("bench churn", lambda: run_churn(chosen, rates, config, data_path, Path(out_dir), backend, target_loss))
+                         eval_every=eval_every, eval_batches=eval_batches, time=model,
+                         checkpoint_every=checkpoint_every, seed=seeds[0], threads=threads)
+    _run("bench churn", lambda: run_churn(chosen, rates, config, data_path, Path(out_dir), backend, target_loss,
+                                          seeds=seeds, jobs=jobs or default_jobs()))
 
 
 # `cfnode tokenizer train` and `cfnode data prepare` (cfnode/data/commands.py)

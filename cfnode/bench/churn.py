@@ -1,101 +1,122 @@
 """`cfnode bench churn`: time to a target validation loss under stage failures, per recovery method and failure rate.
 
-A reproduction, at CPU scale, of the comparison in Table 2 of "All is Not Lost: LLM Recovery without Checkpoints"
-(arXiv 2506.15461): checkpointing, redundant computation, CheckFree and CheckFree+ (and the ablations uniform, copy
-and random), under the same failures.
+A reproduction, at CPU scale, of Table 2 of "All is Not Lost: LLM Recovery without Checkpoints" (arXiv 2506.15461):
+checkpointing (at the paper's interval and at the Young-Daly one), redundant computation, CheckFree and CheckFree+
+(and the ablations uniform, copy, random and the +refit variants), under the same failures, over several seeds.
 
-Failures. The paper gives failure rates per stage per hour. We compress time: each training step stands for
-`step_hours` hours of training, so a stage fails during a step with probability p = 1 - (1 - rate) ** step_hours,
-drawn with `cfnode.recovery.failures.failure_schedule(S, horizon, p, seed)`. The pattern is indexed by executed
-iteration (a step redone after a checkpoint rollback is a new iteration and can fail again), and it is the same for
-every method for one seed and rate. A failure at iteration k hits after step k is applied.
+Failures. The per-stage per-iteration failure probability p for an hourly rate is the paper's own
+(`cfnode.bench.time_model.failure_probability`), drawn with `failure_schedule(S, horizon, p, seed)`. The pattern is
+indexed by executed iteration (a step redone after a checkpoint rollback is a new iteration and can fail again), and
+it is the same for every method for one (seed, rate). A failure at iteration k hits after step k is applied.
 
-Time. Each method's clock is the sum of its measured step compute (for `redundant`, with the shadows' extra
-forward and backward in it), its measured recovery work (checkpoint writes and reads, rebuilds, shadow hand-overs)
-and a fixed `rejoin_seconds` per failure event (detecting the loss and starting a newcomer; the same for every
-method). Validation is not on the clock.
+Time. Counted in plain iterations with the paper's costs (`cfnode.bench.time_model`): each run records its events
+(executed iterations, checkpoint saves, failure events, restores) at every evaluation, and `clock` prices them.
+Measured wall seconds are recorded beside, for information. Validation is not on either clock.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cfnode.bench.churn_report import (
+    PLOTS_HINT,
+    TARGET_FRACTION,
+    RunResult,
+    aggregate,
+    default_target,
+    describe_crossovers,
+    format_spread,
+    matplotlib_available,
+    plot,
+    point_events,
+    render_table,
+    sensitivity,
+    spread_of,
+    summarise,
+)
 from cfnode.bench.sim import METHODS, SimPipeline, recovery_mode
+from cfnode.bench.time_model import (
+    PAPER_CHECKPOINT_EVERY,
+    PAPER_REDUNDANT_COST,
+    Events,
+    TimeModel,
+    failure_probability,
+    mean_iterations_between_failures,
+    young_daly_interval,
+)
 from cfnode.config import RECOVERY_MODES, RunSpec
 from cfnode.data import TextDataset, batch_generator, load_corpus
 from cfnode.recovery.failures import failure_schedule
 from cfnode.recovery.schedule import microbatch_routes
 
 DEFAULT_RATES = (0.05, 0.10, 0.16)
-# The detection -> ONLINE -> trainer resumed time measured on loopback (docs/benchmarks.md, "Recovery time").
-DEFAULT_REJOIN_SECONDS = 6.0
-DEFAULT_SPEC = RunSpec(num_stages=4, layers_per_stage=1, hidden_size=64, num_heads=4, seq_len=64)
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_METHODS = ("none", "checkpoint", "checkpoint-yd", "redundant", "checkfree", "checkfree+", "checkfree+refit",
+                   "checkfree++refit")
+# The paper's shape at CPU scale: 4 stages of 3 blocks (the paper's 500M model: 6 x 4, d_model 1024).
+DEFAULT_SPEC = RunSpec(num_stages=4, layers_per_stage=3, hidden_size=32, num_heads=4, seq_len=32)
+# swarm vs sim: the largest validation-loss gap the comparison accepts. Without failures both run the same code on
+# the same batches (the JSONL rounds to 5 decimals); with them a live kill lands while the trainer is in the next
+# step, so a newcomer may copy its neighbours a step later (docs/benchmarks.md measured gaps up to ~0.1).
+SWARM_TOLERANCE = {"none": 1e-4, "failures": 0.15}
 
 
 @dataclass
 class ChurnConfig:
     spec: RunSpec = DEFAULT_SPEC
-    steps: int = 300
+    # 600 steps, not 2000: the default sweep (3 seeds x 3 rates x 7 methods + 3 references) must fit in ~40 min on
+    # 2 cores, and a step costs ~0.09 s at any width this small (overhead-bound); evaluations every 25 steps keep the
+    # time to target's granularity at ~5% of the 450-step target.
+    steps: int = 600
     batch_size: int = 8
     microbatches: int = 2
-    eval_every: int = 10
+    eval_every: int = 25
     eval_batches: int = 4
-    step_hours: float = 0.1
-    rejoin_seconds: float = DEFAULT_REJOIN_SECONDS
-    checkpoint_every: int = 10
+    time: TimeModel = field(default_factory=TimeModel)
+    checkpoint_every: int = PAPER_CHECKPOINT_EVERY  # method checkpoint; checkpoint-yd computes its own
     max_iterations_factor: float = 3.0  # checkpointing may redo steps: stop after this many times --steps iterations
-    seed: int = 0
-    threads: int = 1  # torch threads: one keeps step times steady on a shared machine
+    seed: int = 0  # of one run: failures, data order and (through spec.seed) weights
+    threads: int = 1  # torch threads per process: one keeps step times steady on a shared machine
 
     @property
     def max_iterations(self) -> int:
         return max(self.steps, int(math.ceil(self.steps * self.max_iterations_factor)))
 
+    def with_seed(self, seed: int) -> ChurnConfig:
+        return replace(self, seed=seed, spec=self.spec.replace(seed=seed))
 
-def step_failure_probability(rate: float, step_hours: float) -> float:
-    """Per stage per step: 1 - (1 - hourly rate) ** hours per step."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"hourly failure rate must be in [0, 1), got {rate}")
-    return 1.0 - (1.0 - rate) ** step_hours
+
+def stage_failure_probability(rate: float, config: ChurnConfig) -> tuple[float, str]:
+    """(p per stage per iteration, the rule that gave it)."""
+    return failure_probability(rate, config.time.iteration_seconds)
 
 
 def churn_schedule(config: ChurnConfig, rate: float) -> dict[int, list[int]]:
     """iteration -> stages lost after it; the same for every method for a (seed, rate)."""
-    probability = step_failure_probability(rate, config.step_hours)
-    return failure_schedule(config.spec.num_stages, config.max_iterations, probability, config.seed)
+    p, _ = stage_failure_probability(rate, config)
+    return failure_schedule(config.spec.num_stages, config.max_iterations, p, config.seed)
 
 
-@dataclass
-class RunResult:
-    method: str
-    rate: float
-    backend: str = "sim"
-    iterations: list[int] = field(default_factory=list)  # per executed iteration
-    steps: list[int] = field(default_factory=list)  # the model's step after it (drops on a rollback)
-    times: list[float] = field(default_factory=list)  # the method's clock after it
-    losses: list[float] = field(default_factory=list)
-    step_seconds: list[float] = field(default_factory=list)
-    val: list[dict[str, float]] = field(default_factory=list)  # {iteration, step, time, work_time, val_loss}
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    costs: dict[str, float] = field(default_factory=dict)
-    wall_seconds: float = 0.0
-
-    @property
-    def final_val(self) -> float:
-        return self.val[-1]["val_loss"] if self.val else float("nan")
-
-    def to_target(self, target: float) -> dict[str, float] | None:
-        """The first evaluation at or below target (None if never reached)."""
-        return next((v for v in self.val if v["val_loss"] <= target), None)
+def checkpoint_interval(method: str, rate: float, config: ChurnConfig) -> int | None:
+    """Iterations between saves: the fixed interval, the Young-Daly one for the rate, or None (no checkpoints)."""
+    if method == "checkpoint":
+        return config.checkpoint_every
+    if method == "checkpoint-yd":
+        p, _ = stage_failure_probability(rate, config)
+        return young_daly_interval(config.time.save_cost, mean_iterations_between_failures(p, config.spec.num_stages))
+    return None
 
 
 def run_sim(method: str, rate: float, dataset: TextDataset, config: ChurnConfig, workdir: Path,
@@ -105,25 +126,28 @@ def run_sim(method: str, rate: float, dataset: TextDataset, config: ChurnConfig,
     mode, _ = recovery_mode(method)
     spec = config.spec.replace(recovery=mode if mode in RECOVERY_MODES else "none")
     schedule = churn_schedule(config, rate) if method != "none" else {}
+    every = checkpoint_interval(method, rate, config)
+    torch.manual_seed(config.seed)  # nothing here should draw from the global RNG; if something does, it is seeded
     pipeline = SimPipeline(spec, method)
     routes = microbatch_routes(spec.num_stages, config.microbatches, mode, spec.swap_fraction)
-    result = RunResult(method, rate if method != "none" else 0.0)
+    result = RunResult(method, rate if method != "none" else 0.0, seed=config.seed, checkpoint_every=every)
     costs = dict(compute=0.0, shadow_compute=0.0, checkpoint_save=0.0, checkpoint_load=0.0, rebuild=0.0,
-                 rejoin=0.0, redone_steps=0.0, checkpoints=0.0)
-    checkpoint_dir = workdir / "checkpoints" / f"{method}-rate{rate:g}"
-    clock, iteration, started = 0.0, 0, time.perf_counter()
+                 redone_steps=0.0)
+    counts = dict(saves=0, failures=0, restores=0)
+    per_iteration: list[Events] = []
+    checkpoint_dir = workdir / "checkpoints" / f"{method}-rate{rate:g}-seed{config.seed}"
+    iteration, wall, started = 0, 0.0, time.perf_counter()
 
     def evaluate() -> None:
         loss = pipeline.evaluate(dataset, config.batch_size, config.eval_batches)
-        result.val.append(dict(iteration=iteration, step=pipeline.step, time=round(clock, 5),
-                               work_time=round(clock - costs["rejoin"], 5), val_loss=loss))
+        result.val.append(dict(iteration=iteration, step=pipeline.step, **counts, wall=round(wall, 5), val_loss=loss))
 
-    if method == "checkpoint":
-        t = time.perf_counter()
+    if every is not None:
+        # Not on the clock: step 0's weights derive from the seed, so a rollback to it needs no file (as the paper's
+        # simulation rolls back to 0); the file keeps the restore code path the same.
         pipeline.save_checkpoint(checkpoint_dir)
-        costs["checkpoint_save"] += time.perf_counter() - t
-        clock += time.perf_counter() - t
     evaluate()
+
     def more() -> bool:
         reached = target is not None and any(v["val_loss"] <= target for v in result.val)
         return pipeline.step < config.steps or (target is not None and not reached)
@@ -134,47 +158,71 @@ def run_sim(method: str, rate: float, dataset: TextDataset, config: ChurnConfig,
         loss, shadow_seconds = pipeline.train_step(inputs, targets, routes)
         seconds = time.perf_counter() - t
         iteration += 1
-        clock += seconds
+        wall += seconds
         costs["compute"] += seconds
         costs["shadow_compute"] += shadow_seconds
-        if method == "checkpoint" and pipeline.step % config.checkpoint_every == 0:
+        if every is not None and pipeline.step % every == 0:
             t = time.perf_counter()
             pipeline.save_checkpoint(checkpoint_dir)
             elapsed = time.perf_counter() - t
-            clock += elapsed
+            wall += elapsed
             costs["checkpoint_save"] += elapsed
-            costs["checkpoints"] += 1
+            counts["saves"] += 1
         lost = schedule.get(iteration)
         if lost:
             before = pipeline.step
+            counts["failures"] += 1
             t = time.perf_counter()
-            if method == "checkpoint":
+            if every is not None:
                 pipeline.load_checkpoint(checkpoint_dir)
                 what = [f"all stages <- checkpoint at step {pipeline.step}"]
                 key = "checkpoint_load"
                 costs["redone_steps"] += before - pipeline.step
+                counts["restores"] += 1
             elif method == "redundant":
                 what, key = pipeline.replace_from_shadows(lost), "rebuild"
             else:
                 what, key = pipeline.rebuild(lost), "rebuild"
             elapsed = time.perf_counter() - t
             costs[key] += elapsed
-            costs["rejoin"] += config.rejoin_seconds
-            clock += elapsed + config.rejoin_seconds
+            wall += elapsed
             result.failures.append(dict(iteration=iteration, step=before, stages=lost, recovery=what,
                                         seconds=round(elapsed, 5)))
+        per_iteration.append(Events(iteration, **counts))
         result.iterations.append(iteration)
         result.steps.append(pipeline.step)
-        result.times.append(round(clock, 5))
         result.losses.append(loss)
         result.step_seconds.append(seconds)
         if iteration % config.eval_every == 0 or (pipeline.step >= config.steps and not more()) \
                 or iteration >= config.max_iterations:
             evaluate()
     if more():
-        log(f"  {method} at rate {rate:g}: stopped after {iteration} iterations at step {pipeline.step} "
-            f"(cap {config.max_iterations}), short of {'the target' if target is not None else 'its steps'}")
-    result.costs = {k: round(v, 5) for k, v in costs.items()}
+        short = "the target" if target is not None else "its steps"
+        log(f"  {method} at rate {rate:g}, seed {config.seed}: stopped after {iteration} iterations at step "
+            f"{pipeline.step} (cap {config.max_iterations}), short of {short}")
+    # The clock is priced once the run is over: redundant's iteration cost is its measured ratio over the whole run.
+    plain = costs["compute"] - costs["shadow_compute"]
+    if method == "redundant" and plain > 0:
+        result.measured["redundant_cost"] = costs["compute"] / plain
+    if iteration and plain > 0:
+        per_plain = plain / iteration
+        result.measured["plain_iteration_seconds"] = per_plain
+        if every is not None:
+            result.measured["checkpoint_bytes"] = sum(f.stat().st_size for f in checkpoint_dir.glob("stage-*.pt"))
+        if counts["saves"]:
+            result.measured["local_save_cost_seconds"] = costs["checkpoint_save"] / counts["saves"]
+            result.measured["local_save_cost"] = result.measured["local_save_cost_seconds"] / per_plain
+        if counts["restores"]:
+            result.measured["local_restore_cost_seconds"] = costs["checkpoint_load"] / counts["restores"]
+            result.measured["local_restore_cost"] = result.measured["local_restore_cost_seconds"] / per_plain
+        if counts["failures"] and every is None:
+            # The rebuild (and refit) work per failure; the model charges the same downtime to every method.
+            result.measured["local_recovery_cost"] = costs["rebuild"] / counts["failures"] / per_plain
+    result.iteration_cost = config.time.iteration_cost(method, result.measured.get("redundant_cost", 1.0))
+    result.times = [round(config.time.time(e, result.iteration_cost), 5) for e in per_iteration]
+    for point in result.val:
+        point["time"] = config.time.time(point_events(point), result.iteration_cost)
+    result.costs = {**{k: round(v, 5) for k, v in costs.items()}, **counts}
     result.wall_seconds = time.perf_counter() - started
     return result
 
@@ -192,7 +240,7 @@ def run_swarm(method: str, rate: float, config: ChurnConfig, data_path: str | No
     schedule = churn_schedule(config, rate) if method != "none" else {}
     # The trainer never reaches a step past --steps, and a kill after the last step would hit nothing.
     kills = [(stage, it) for it, stages in schedule.items() if it < config.steps for stage in stages]
-    run_dir = workdir / f"swarm-{method}-rate{rate:g}"
+    run_dir = workdir / f"swarm-{method}-rate{rate:g}-seed{config.seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     events = run_dir / "events.jsonl"
     events.unlink(missing_ok=True)
@@ -206,8 +254,8 @@ def run_swarm(method: str, rate: float, config: ChurnConfig, data_path: str | No
     code = LocalSwarm(layout).run()
     if code != 0:
         raise RuntimeError(f"the swarm's trainer exited with status {code}; see {run_dir}")
-    result = RunResult(method, rate, backend="swarm")
-    clock = 0.0
+    result = RunResult(method, rate if method != "none" else 0.0, seed=config.seed, backend="swarm")
+    wall = 0.0
     for line in events.read_text().splitlines():
         try:
             event = json.loads(line)
@@ -217,176 +265,293 @@ def run_swarm(method: str, rate: float, config: ChurnConfig, data_path: str | No
             result.failures.append(dict(step=event.get("step"), stages=[event.get("stage")]))
         if event.get("event") != "step":
             continue
-        clock += float(event["step_time"])
+        wall += float(event["step_time"])
         step = int(event["step"])
+        # The live run has no checkpoints and no rollbacks: its events are steps and the stage losses so far.
+        now = config.time.time(Events(iterations=step, failures=len(result.failures)))
         result.iterations.append(step)
         result.steps.append(step)
-        result.times.append(round(clock, 5))
+        result.times.append(round(now, 5))
         result.losses.append(float(event["loss"]))
         result.step_seconds.append(float(event["step_time"]))
         if "val_loss" in event:
-            result.val.append(dict(iteration=step, step=step, time=round(clock, 5), work_time=round(clock, 5),
-                                   val_loss=float(event["val_loss"])))
-    result.costs = {"compute": round(clock, 5)}
+            result.val.append(dict(iteration=step, step=step, saves=0, failures=len(result.failures), restores=0,
+                                   time=now, wall=round(wall, 5), val_loss=float(event["val_loss"])))
+    result.costs = {"compute": round(wall, 5)}
     result.wall_seconds = time.perf_counter() - started
     return result
 
 
-# --- the sweep and its report ------------------------------------------------------------------------------------
+# --- running many runs, in parallel processes ----------------------------------------------------------------------
 
 
-def default_target(reference: RunResult, fraction: float = 0.75) -> float:
-    """The no-failure run's validation loss at `fraction` of its steps (the evaluation closest to it)."""
-    goal = fraction * reference.steps[-1]
-    return min(reference.val, key=lambda v: abs(v["step"] - goal))["val_loss"]
+@dataclass(frozen=True)
+class Task:
+    method: str
+    rate: float
+    seed: int
+    target: float | None
 
 
-def summarise(results: Sequence[RunResult], target: float) -> list[dict[str, Any]]:
-    rows = []
-    baselines = {(r.rate, r.method): r.to_target(target) for r in results}
-    for r in results:
-        hit = r.to_target(target)
-        row = dict(method=r.method, rate=r.rate, backend=r.backend,
-                   median_step_s=statistics.median(r.step_seconds) if r.step_seconds else float("nan"),
-                   failures=len(r.failures), iterations=r.iterations[-1] if r.iterations else 0,
-                   final_step=r.steps[-1] if r.steps else 0, final_val=r.final_val,
-                   total_time_s=r.times[-1] if r.times else 0.0,
-                   iterations_to_target=hit["iteration"] if hit else None,
-                   time_to_target_s=hit["time"] if hit else None,
-                   work_time_to_target_s=hit["work_time"] if hit else None)
-        for other in ("checkpoint", "redundant"):
-            base = baselines.get((r.rate, other))
-            row[f"speedup_vs_{other}"] = (base["time"] / hit["time"]) if (hit and base and hit["time"] > 0) else None
-        rows.append(row)
-    return rows
+_WORKER: dict[str, Any] = {}
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "not reached"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def _init_worker(corpus: bytes, config: ChurnConfig, workdir: Path) -> None:
+    torch.set_num_threads(config.threads)
+    _WORKER.update(dataset=TextDataset(corpus, config.spec.seq_len), config=config, workdir=workdir)
 
 
-def render_table(rows: Sequence[dict[str, Any]], target: float) -> str:
-    lines = [f"target validation loss: {target:.4f}", "",
-             "| failure rate | method | median step s | failures | iterations to target | time to target s "
-             "| without rejoin s | vs checkpoint | vs redundant | final val loss | iterations run |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        rate = "0 (ceiling)" if row["method"] == "none" else f"{row['rate'] * 100:g}%"
-        speedups = [f"{row[k]:.2f}x" if row[k] is not None else "-"
-                    for k in ("speedup_vs_checkpoint", "speedup_vs_redundant")]
-        lines.append(f"| {rate} | {row['method']}{' (swarm)' if row['backend'] == 'swarm' else ''} "
-                     f"| {row['median_step_s']:.4f} | {row['failures']} | {_fmt(row['iterations_to_target'])} "
-                     f"| {_fmt(row['time_to_target_s'], 1)} | {_fmt(row['work_time_to_target_s'], 2)} "
-                     f"| {speedups[0]} | {speedups[1]} "
-                     f"| {row['final_val']:.4f} | {row['iterations']} |")
-    return "\n".join(lines)
+def _run_task(task: Task) -> tuple[RunResult, list[str]]:
+    """One sim run in a worker (or in this process with --jobs 1): the same function, so N cannot change a result."""
+    lines: list[str] = []
+    started = time.perf_counter()
+    config = _WORKER["config"].with_seed(task.seed)
+    result = run_sim(task.method, task.rate, _WORKER["dataset"], config, _WORKER["workdir"], log=lines.append,
+                     target=task.target)
+    lines.append(f"  {task.method:<16} rate {result.rate:<5g} seed {task.seed}: {len(result.failures):>3} failures, "
+                 f"final val {result.final_val:.4f}, model time {result.times[-1] if result.times else 0:.1f} it, "
+                 f"ran {time.perf_counter() - started:.1f} s")
+    return result, lines
 
 
-def plot(results: Sequence[RunResult], target: float, out: Path) -> list[Path]:
-    import matplotlib
+# Long runs first, so the last one to finish is a short one (the order results are kept in does not change).
+_EXPECTED_COST = {"redundant": 0, "checkfree++refit": 1, "checkfree+refit": 1, "copy+refit": 1, "checkpoint": 2,
+                  "checkpoint-yd": 2}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rates = sorted({r.rate for r in results if r.method != "none"}) or [0.0]
-    methods = [m for m in ("none", *METHODS[1:]) if any(r.method == m for r in results)]
-    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
-    paths = []
-    for axis_key, xlabel, name in (("iteration", "training iterations executed", "churn-loss-step.png"),
-                                   ("time", "method clock (s): compute + recovery + rejoin", "churn-loss-time.png")):
-        fig, axes = plt.subplots(1, len(rates), figsize=(5.2 * len(rates), 4.2), sharey=True, squeeze=False)
-        for ax, rate in zip(axes[0], rates):
-            for r in results:
-                if r.method != "none" and r.rate != rate:
-                    continue
-                style = "--" if r.backend == "swarm" else (":" if r.method == "none" else "-")
-                label = r.method + (" (swarm)" if r.backend == "swarm" else "") + (
-                    " (no failures)" if r.method == "none" else "")
-                ax.plot([v[axis_key] for v in r.val], [v["val_loss"] for v in r.val], style,
-                        color="black" if r.method == "none" else colours[r.method], label=label,
-                        linewidth=2.0 if r.method == "none" else 1.3)
-            ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.3f}")
-            ax.set_title(f"hourly failure rate {rate * 100:g}%")
-            ax.set_xlabel(xlabel)
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("validation loss")
-        axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+class Runner:
+    """Runs tasks in this process (jobs 1) or in `jobs` spawned processes; returns results in the tasks' order."""
+
+    def __init__(self, jobs: int, corpus: bytes, config: ChurnConfig, workdir: Path, log: Callable[[str], None]):
+        self.jobs, self.log = jobs, log
+        self.pool: ProcessPoolExecutor | None = None
+        if jobs > 1:
+            # spawn: a fork of a process that has run torch can deadlock, and each child sets its own threads
+            self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(corpus, config, workdir))
+        else:
+            _init_worker(corpus, config, workdir)
+
+    def run(self, tasks: Sequence[Task]) -> list[RunResult]:
+        if self.pool is None:
+            results = []
+            for task in tasks:
+                result, lines = _run_task(task)
+                for line in lines:
+                    self.log(line)
+                results.append(result)
+            return results
+        order = sorted(range(len(tasks)), key=lambda i: _EXPECTED_COST.get(tasks[i].method, 3))
+        futures = {i: self.pool.submit(_run_task, tasks[i]) for i in order}
+        for i in order:
+            for line in futures[i].result()[1]:
+                self.log(line)
+        return [futures[i].result()[0] for i in range(len(tasks))]
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the workers; with cancel (a run failed), drop the runs not started rather than wait for them."""
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=cancel)
+            self.pool = None
+
+
+def default_jobs() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# --- the whole benchmark -----------------------------------------------------------------------------------------
+
+
+def _compare_swarm(results: Sequence[RunResult], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Each swarm run against the sim run of the same method, rate, seed and steps: the largest validation-loss gap
+    over their shared evaluations, against the stated tolerance."""
+    comparisons = []
+    for swarm_run in (r for r in results if r.backend == "swarm"):
+        sim_run = next(r for r in results if r.backend == "sim" and (r.method, r.rate, r.seed)
+                       == (swarm_run.method, swarm_run.rate, swarm_run.seed))
+        sim_val = {v["step"]: v["val_loss"] for v in sim_run.val}
+        common = [(v["val_loss"], sim_val[v["step"]]) for v in swarm_run.val if v["step"] in sim_val]
+        gap = max((abs(a - b) for a, b in common), default=float("nan"))
+        tolerance = SWARM_TOLERANCE["none" if swarm_run.method == "none" else "failures"]
+        within = bool(common) and gap <= tolerance
+        why = ("no failures: the same code on the same batches" if swarm_run.method == "none"
+               else "a live kill lands a step later than in the sim")
+        log(f"swarm vs sim ({swarm_run.method}, rate {swarm_run.rate:g}, seed {swarm_run.seed}): final val "
+            f"{swarm_run.final_val:.4f} vs {sim_run.final_val:.4f}; largest gap over {len(common)} shared evaluations "
+            f"{gap:.4f}, tolerance {tolerance:g} ({'within' if within else 'EXCEEDED'}; {why})")
+        comparisons.append(dict(method=swarm_run.method, rate=swarm_run.rate, seed=swarm_run.seed, gap=gap,
+                                shared_evaluations=len(common), tolerance=tolerance, within=within))
+    return comparisons
+
+
+def _measured_lines(results: Sequence[RunResult], model: TimeModel) -> tuple[list[str], dict[str, Any]]:
+    """What was measured, beside what the model charges."""
+    sims = [r for r in results if r.backend == "sim"]
+    measured: dict[str, Any] = {}
+    lines = []
+    ratios = [r.measured["redundant_cost"] for r in sims if "redundant_cost" in r.measured]
+    if ratios:
+        measured["redundant_cost"] = spread_of(ratios)
+        used = (f"imposed {model.redundant_cost:.3f}" if model.redundant_cost is not None
+                else "each run's own ratio is its iteration cost")
+        lines.append(f"redundant's iteration, measured (compute + shadow compute) / compute: "
+                     f"{format_spread(measured['redundant_cost'], 3)} over {len(ratios)} runs ({used}); "
+                     f"the paper's 151/91 = {PAPER_REDUNDANT_COST:.2f}")
+    for key, modelled, what in (("local_save_cost", model.save_cost, "save"),
+                                ("local_restore_cost", model.restore_cost, "load (restore)")):
+        values = [r.measured[key] for r in sims if key in r.measured]
+        if values:
+            measured[key] = spread_of(values)
+            with_key = [r for r in sims if key in r.measured]
+            seconds = statistics.mean(r.measured[f"{key}_seconds"] for r in with_key)
+            size = statistics.mean(r.measured.get("checkpoint_bytes", 0) for r in with_key)
+            iteration = statistics.mean(r.measured["plain_iteration_seconds"] for r in with_key)
+            lines.append(f"local torch.{what} of every stage, measured: {format_spread(measured[key], 3)} iteration "
+                         f"each, {seconds * 1000:.0f} ms for {size / 1e6:.2f} MB on a local disk: nearly free in "
+                         f"itself, a visible fraction only of our {iteration * 1000:.0f} ms iteration (the paper's "
+                         f"{model.state_bytes / 1e9:g} GB at {model.storage_bytes_per_second / 1e6:g} MB/s: "
+                         f"{model.state_bytes / model.storage_bytes_per_second:.0f} s); the model charges "
+                         f"{modelled:.3f}")
+    recovery = {}
+    for method in dict.fromkeys(r.method for r in sims):
+        values = [r.measured["local_recovery_cost"] for r in sims if r.method == method
+                  and "local_recovery_cost" in r.measured]
+        if values:
+            recovery[method] = spread_of(values)
+    if recovery:
+        measured["local_recovery_cost"] = recovery
+        lines.append("rebuild (+ refit) work per failure, measured in plain iterations (not on the clock: every "
+                     f"method is charged the downtime, {model.downtime:.3f}): "
+                     + ", ".join(f"{m} {format_spread(v, 3)}" for m, v in recovery.items()))
+    medians = {}
+    for method in dict.fromkeys(r.method for r in sims):
+        seconds = [s for r in sims if r.method == method for s in r.step_seconds]
+        if seconds:
+            medians[method] = statistics.median(seconds)
+    measured["median_step_seconds"] = medians
+    measured["wall_seconds"] = {f"{r.method} rate {r.rate:g} seed {r.seed}": round(r.wall_seconds, 2) for r in sims}
+    if medians:
+        lines.append("median measured step (s, for information, not on the clock): "
+                     + ", ".join(f"{m} {s:.4f}" for m, s in medians.items()))
+    return lines, measured
 
 
 def run_churn(methods: Sequence[str], rates: Sequence[float], config: ChurnConfig, data_path: str | None,
-              out: Path, backend: str = "sim", target: float | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              out: Path, backend: str = "sim", target: float | None = None, log: Callable[[str], None] = print,
+              seeds: Sequence[int] | None = None, jobs: int = 1) -> dict[str, Any]:
     """The whole benchmark: runs, table, plots and raw JSON under `out`. Returns the JSON document."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if backend not in ("sim", "swarm"):
         raise ValueError(f"backend must be sim or swarm, got {backend!r}")
+    seeds = list(seeds) if seeds is not None else [config.seed]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
-    dataset = TextDataset(load_corpus(data_path), config.spec.seq_len)
+    corpus = load_corpus(data_path)
+    model = config.time
     log(f"churn bench: backend {backend}, {config.spec.num_stages} stages x {config.spec.layers_per_stage} layer(s), "
-        f"hidden {config.spec.hidden_size}, seq_len {config.spec.seq_len}, batch {config.batch_size} in "
-        f"{config.microbatches} microbatches, {config.steps} steps; data {data_path or 'built-in corpus'}")
+        f"hidden {config.spec.hidden_size}, {config.spec.num_heads} heads, seq_len {config.spec.seq_len}, batch "
+        f"{config.batch_size} in {config.microbatches} microbatches, {config.steps} steps (at most "
+        f"{config.max_iterations} iterations), eval every {config.eval_every} on {config.eval_batches} batches, seeds "
+        f"{seeds}, {jobs} job(s) x {config.threads} torch thread(s); data {data_path or 'built-in corpus'}")
+    for line in model.describe():
+        log(f"  {line}")
+    failure_model = {}
     for rate in rates:
-        p = step_failure_probability(rate, config.step_hours)
-        log(f"  rate {rate:g}/h, {config.step_hours:g} h per step: p = {p:.5f} per stage per step; "
-            f"{sum(len(s) for i, s in churn_schedule(config, rate).items() if i <= config.steps)} stage failures "
-            f"in the first {config.steps} iterations")
-    ordered = ["none"] if ("none" in methods or target is None) else []
+        p, rule = stage_failure_probability(rate, config)
+        mtbf = mean_iterations_between_failures(p, config.spec.num_stages)
+        yd = checkpoint_interval("checkpoint-yd", rate, config)
+        counts = [sum(1 for i in churn_schedule(config.with_seed(s), rate) if i <= config.steps) for s in seeds]
+        failure_model[f"{rate:g}"] = dict(p=p, rule=rule, mtbf_iterations=mtbf, young_daly_interval=yd,
+                                          failure_events_in_steps=dict(zip(seeds, counts)))
+        log(f"  rate {rate * 100:g}%/h: p = {p:.5f} per stage per iteration ({rule}); MTBF {mtbf:.1f} iterations "
+            f"for {config.spec.num_stages} stages; checkpoint every {config.checkpoint_every} (the paper's code) or "
+            f"{yd} (Young-Daly, sqrt(2 x {model.save_cost:.3f} x MTBF)); failure events in the first {config.steps} "
+            f"iterations per seed: {counts}")
+
+    runner = Runner(jobs if backend == "sim" else 1, corpus, config, out, log)
     results: list[RunResult] = []
-    runs = [(m, 0.0) for m in ordered] + [(m, r) for r in rates for m in methods if m != "none"]
-    given_target = target
-    for method, rate in runs:
-        started = time.perf_counter()
-        if target is None and results:
-            target = default_target(results[0])
-            log(f"  target validation loss {target:.4f}: the no-failure run's at 75% of its steps")
-        if backend == "swarm" and method in RECOVERY_MODES:
-            results.append(run_swarm(method, rate, config, data_path, out, log))
-            # The same run in the sim (same steps, no running on to the target), to compare with the live system.
-            results.append(run_sim(method, rate, dataset, config, out, log))
+    try:
+        given_target = target
+        failing = [Task(m, r, s, None) for r in rates for m in methods if m != "none" for s in seeds]
+        reference = [Task("none", 0.0, s, given_target) for s in seeds] if (
+            "none" in methods or given_target is None) else []
+        if given_target is None:
+            # The target comes from the no-failure runs, so they run first, in the sim, for --steps steps.
+            results += runner.run(reference)
+            per_seed = {r.seed: default_target(r) for r in results}
+            target = statistics.mean(per_seed.values())
+            each = ", ".join(f"seed {s}: {v:.4f}" for s, v in per_seed.items())
+            log(f"  target validation loss {target:.4f}: the mean over seeds of the no-failure runs' validation loss "
+                f"at {TARGET_FRACTION:.0%} of their steps ({each})")
+            reference = [t for t in reference if backend == "swarm" and "none" in methods]
+        failing = [replace(t, target=target) for t in failing]
+        if backend == "swarm":
+            # One swarm at a time: each is a bootstrap, a peer per stage and a trainer on this machine.
+            dataset = TextDataset(corpus, config.spec.seq_len)
+            for task in reference + failing:
+                if task.method not in RECOVERY_MODES:
+                    results += runner.run([task])
+                    continue
+                seeded = config.with_seed(task.seed)
+                results.append(run_swarm(task.method, task.rate, seeded, data_path, out, log))
+                # The same run in the sim (same steps, no running on to the target), to compare with it; the
+                # no-failure one may have run already, for the target.
+                key = (task.method, task.rate if task.method != "none" else 0.0, task.seed)
+                if not any(r.backend == "sim" and (r.method, r.rate, r.seed) == key for r in results):
+                    results.append(run_sim(task.method, task.rate, dataset, seeded, out, log))
         else:
-            results.append(run_sim(method, rate, dataset, config, out, log,
-                                   target=None if method == "none" and given_target is None else target))
-        last = results[-1]
-        log(f"  {method:<10} rate {rate:<5g} {len(last.failures):>3} failures, final val {last.final_val:.4f}, "
-            f"clock {last.times[-1] if last.times else 0:.1f} s, ran {time.perf_counter() - started:.1f} s")
-    if target is None:
-        target = default_target(next(r for r in results if r.method == "none"))
+            results += runner.run(reference + failing)
+    except BaseException:
+        runner.close(cancel=True)
+        raise
+    runner.close()
+    assert target is not None
     rows = summarise(results, target)
-    table = render_table(rows, target)
-    (out / "table.md").write_text(table + "\n")
-    plots = plot(results, target, out)
+    summary = aggregate(results, target)
+    sens = sensitivity(results, target, model)
+    measured_lines, measured = _measured_lines(results, model)
+    target_rule = ("given (--target-loss)" if given_target is not None else
+                   f"the mean over seeds of the no-failure runs' validation loss at {TARGET_FRACTION:.0%} of their "
+                   "steps")
+    header = [f"target validation loss: {target:.4f} ({target_rule})", "",
+              "Time in iterations of the time model; iterations include redone ones. Cells: mean over seeds "
+              "(min..max). vs X: X's time to target / this method's, as the ratio of the means over the seeds where "
+              "both reached it (the per-seed ratios' min..max); above 1 = faster than X. paper: CheckFree+'s "
+              "speed-ups in the paper's Table 2. failures: failure events in the whole run.", "",
+              "time model:", *[f"- {line}" for line in model.describe()],
+              *[f"- rate {k}: p = {v['p']:.5f} ({v['rule']}), Young-Daly interval {v['young_daly_interval']}"
+                for k, v in failure_model.items()], ""]
+    table = render_table(summary)
+    crossover_lines = describe_crossovers(sens["crossovers"])
+    footer = ["", f"Sensitivity, no rerun ({sens['note']}):", *crossover_lines,
+              "", "Measured:", *[f"- {line}" for line in measured_lines]]
+    (out / "table.md").write_text("\n".join([*header, table, *footer]) + "\n")
+    plots: list[Path] = []
+    if matplotlib_available():
+        plots = plot(results, target, sens, model, out)
     document = dict(
         config={**asdict(config), "spec": config.spec.to_dict()}, methods=list(methods), rates=list(rates),
-        backend=backend, data=data_path, target=target,
-        failure_model=dict(step_hours=config.step_hours,
-                           per_step_probability={str(r): step_failure_probability(r, config.step_hours)
-                                                 for r in rates},
-                           note="p = 1 - (1 - hourly rate) ** step_hours per stage per executed iteration"),
-        torch_threads=torch.get_num_threads(), rows=rows, runs=[asdict(r) for r in results],
-        plots=[str(p) for p in plots])
+        seeds=list(seeds), jobs=jobs, backend=backend, data=data_path, target=target, target_rule=target_rule,
+        time_model=dict(model.to_dict(), description=model.describe()),
+        failure_model=dict(per_rate=failure_model,
+                           note="p per stage per executed iteration: the paper's table for 5/10/16/33%, else "
+                                "1 - (1 - rate) ** (iteration_seconds / 3600)"),
+        torch_threads=config.threads, rows=rows, summary=summary, sensitivity=sens, measured=measured,
+        swarm_vs_sim=_compare_swarm(results, log) if backend == "swarm" else [],
+        runs=[asdict(r) for r in results], plots=[str(p) for p in plots])
     (out / "results.json").write_text(json.dumps(document, indent=1))
-    log(table)
-    if backend == "swarm":
-        for swarm_run in (r for r in results if r.backend == "swarm"):
-            sim_run = next(r for r in results if r.backend == "sim" and (r.method, r.rate) == (swarm_run.method,
-                                                                                                 swarm_run.rate))
-            sim_val = {v["step"]: v["val_loss"] for v in sim_run.val}
-            common = [(v["val_loss"], sim_val[v["step"]]) for v in swarm_run.val if v["step"] in sim_val]
-            gap = max((abs(a - b) for a, b in common), default=float("nan"))
-            log(f"swarm vs sim ({swarm_run.method}, rate {swarm_run.rate:g}): final val {swarm_run.final_val:.4f} vs "
-                f"{sim_run.final_val:.4f}; largest gap over {len(common)} shared evaluations {gap:.4f}")
-    log(f"wrote {out / 'table.md'}, {out / 'results.json'}, {', '.join(str(p) for p in plots)}")
+    log("\n".join([*header, table, *footer]))
+    if not plots:
+        log(PLOTS_HINT)
+    log(f"wrote {out / 'table.md'}, {out / 'results.json'}" + "".join(f", {p}" for p in plots))
     return document

@@ -8,8 +8,9 @@ microbatch gradients in microbatch order before it clips and steps. Recovery is 
 
 - `checkfree`, `checkfree+`, `uniform`, `copy`, `random`: `plan_rebuild` + `rebuild_weights` from the live stages,
   then a fresh optimiser at lr * lr_scale (as `StagePeer._rebuild`);
-- `checkpoint`: every stage (and the head, and the data order) is saved to files every N steps; a lost stage rolls
-  every stage back to the last checkpoint and the steps since are redone;
+- `checkpoint`, `checkpoint-yd`: every stage (and the head, and the data order) is saved to files every N steps (the
+  paper's 20, or the Young-Daly interval; `cfnode.bench.churn` picks N); a lost stage rolls every stage back to the
+  last checkpoint and the steps since are redone;
 - `checkfree+refit`, `checkfree++refit` (CheckFree+ then refit), `copy+refit`: the rebuild, then `refit` on the
   lost stage's last `refit_cache` (input, output) pairs, which the pipeline caches as the trainer does;
 - `redundant` (Bamboo-style): stage s-1 keeps a shadow of stage s (stage S's shadow lives on stage 1) that runs the
@@ -37,7 +38,9 @@ from cfnode.recovery.refit import ActivationCache, RefitResult, refit
 REBUILD_METHODS = ("checkfree", "checkfree+", "uniform", "copy", "random")
 # A rebuild followed by a refit on the lost stage's cached activations (cfnode.recovery.refit).
 REFIT_METHODS = ("checkfree+refit", "checkfree++refit", "copy+refit")
-METHODS = ("none", "checkpoint", "redundant", *REBUILD_METHODS, *REFIT_METHODS)
+# Checkpointing at the paper's fixed interval, and at the Young-Daly interval for the failure rate.
+CHECKPOINT_METHODS = ("checkpoint", "checkpoint-yd")
+METHODS = ("none", *CHECKPOINT_METHODS, "redundant", *REBUILD_METHODS, *REFIT_METHODS)
 
 
 def recovery_mode(method: str) -> tuple[str, bool]:

@@ -8,6 +8,7 @@ parts must be at one step: a model stitched from stages at different steps was n
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import NetworkConfig, RunSpec
-from cfnode.data.tokenizer import write_hf_tokenizer
+from cfnode.data.tokenizer import load_run_tokenizer, write_hf_tokenizer
 from cfnode.hf.checkpoint import write_hf_dir
 from cfnode.node.stage_state import load_state_file, model_state, state_file_spec
 from cfnode.protocol.messages import StateSnapshot
@@ -55,17 +56,16 @@ def check_steps(steps: dict[int, int]) -> int:
 
 def export_model(parts: ModelParts, out_dir: str | Path, tokenizer_path: str | None = None) -> Path:
     """Write parts as a Hugging Face Llama directory: config.json, model.safetensors, generation_config.json and
-    the tokenizer files. Written into a temporary folder first, so a failed export leaves no half directory."""
+    the tokenizer files. Everything is checked first (finite weights, the run's own tokenizer) and written into a
+    temporary folder, so a refused or failed export leaves nothing behind."""
     check_parts(parts)
+    load_run_tokenizer(parts.spec, tokenizer_path)  # the run's own tokenizer, or a refusal saying what differs
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; name a new directory")
     partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        for child in partial.iterdir():
-            child.unlink()
-    partial.mkdir(parents=True, exist_ok=True)
-
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     last_logged = [time.monotonic()]
 
     def progress(done: int, total: int) -> None:  # a large model takes a while: say how far it is, now and then
@@ -73,11 +73,15 @@ def export_model(parts: ModelParts, out_dir: str | Path, tokenizer_path: str | N
             last_logged[0] = time.monotonic()
             logger.info(f"writing weights: {done}/{total} tensors")
 
-    write_hf_dir(partial, parts.spec, parts.head, parts.stages, progress=progress)
-    write_hf_tokenizer(parts.spec, tokenizer_path, partial)
-    if out.exists():
-        out.rmdir()
-    partial.rename(out)
+    try:
+        write_hf_dir(partial, parts.spec, parts.head, parts.stages, progress=progress)
+        write_hf_tokenizer(parts.spec, tokenizer_path, partial)
+        if out.exists():
+            out.rmdir()
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     params = sum(t.numel() for t in parts.head.values()) + sum(t.numel() for s in parts.stages for t in s.values())
     logger.info(f"exported step {parts.step} of run {parts.spec.run_id!r} ({params:,} parameters, "
                 f"{parts.spec.num_stages} stages) to {out}")
