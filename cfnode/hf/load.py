@@ -3,13 +3,14 @@ cfnode's own model code, with its tokenizer: what `cfnode generate` samples from
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cfnode.config import ConfigError, RunSpec
-from cfnode.data.tokenizer import END_OF_TEXT, FileTokenizer, file_sha256
+from cfnode.config import BYTE_TOKENIZER, ConfigError, RunSpec
+from cfnode.data.tokenizer import END_OF_TEXT, FileTokenizer, byte_tokenizer_json, file_sha256
 from cfnode.hf.checkpoint import part_states, read_hf_dir
 from cfnode.hf.convert import spec_fields_from_llama_config
 from cfnode.model import FullModel
@@ -29,6 +30,7 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
     if not tokenizer_file.is_file():
         raise ConfigError(f"{model_dir} has no tokenizer.json: cannot turn a prompt into tokens")
     config, hf_state = read_hf_dir(model_dir)
+    _check_tokenizer(config, tokenizer_file)
     num_stages = (config.get("cfnode") or {}).get("num_stages") or 1
     fields = spec_fields_from_llama_config(config, num_stages)
     # The context the model was trained on (any Llama config says its own; cfnode's exports write seq_len there).
@@ -37,6 +39,19 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
     head, *stages = part_states(spec, hf_state)
     model = FullModel.from_states(spec, head, stages).to(torch.device(device)).eval()
     return LoadedModel(spec, model, FileTokenizer(tokenizer_file))
+
+
+def _check_tokenizer(config: dict, tokenizer_file: Path) -> None:
+    """A cfnode export records its run's tokenizer: the tokenizer.json beside it must be that one."""
+    recorded = (config.get("cfnode") or {}).get("tokenizer")
+    if recorded is None:  # a checkpoint from elsewhere: its own tokenizer.json is all there is
+        return
+    actual = f"sha256:{file_sha256(tokenizer_file)}"
+    if recorded == BYTE_TOKENIZER:
+        recorded = f"sha256:{hashlib.sha256(byte_tokenizer_json().encode()).hexdigest()}"
+    if actual != recorded:
+        raise ConfigError(f"{tokenizer_file} is not the tokenizer the model was trained with: its digest is {actual}, "
+                          f"config.json records {recorded}")
 
 
 def sample_text(model_dir: str | Path, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,

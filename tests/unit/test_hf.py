@@ -266,3 +266,20 @@ def test_unknown_tensors_are_refused():
     hf_state["model.layers.9.self_attn.q_proj.weight"] = torch.zeros(1)
     with pytest.raises(ConfigError, match="layers.9"):
         from_hf_state(SPEC, hf_state)
+
+
+def test_sampling_refuses_a_tokenizer_other_than_the_one_the_export_records(tmp_path):
+    from cfnode.data.tokenizer import write_hf_tokenizer
+    from cfnode.hf.load import sample_text
+
+    spec = RunSpec(num_stages=1, layers_per_stage=1, hidden_size=32, num_heads=2, seq_len=16)
+    model = FullModel(spec)
+    write_hf_dir(tmp_path, spec, model.head.state_dict(), [s.state_dict() for s in model.stages])
+    write_hf_tokenizer(spec, None, tmp_path)  # the byte tokenizer, as a tokenizers file
+    assert sample_text(tmp_path, "ab", 4, seed=1) == sample_text(tmp_path, "ab", 4, seed=1)
+    edited = json.loads((tmp_path / "tokenizer.json").read_text())
+    edited["added_tokens"] = [{"id": 256, "content": "<x>", "single_word": False, "lstrip": False, "rstrip": False,
+                               "normalized": False, "special": True}]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(edited))
+    with pytest.raises(ConfigError, match="not the tokenizer the model was trained with"):
+        sample_text(tmp_path, "ab", 4)
