@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: demo test install lint
+.PHONY: demo test test-load install lint
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=30
+
+# The failure-path tests on a loaded machine: the chaos and the netns test beside two busy processes, five runs in a
+# row; the first failure stops it.
+RUNS ?= 5
+test-load: install
+	for run in $$(seq $(RUNS)); do echo "run $$run of $(RUNS)"; CFNODE_TEST_BUSY=2 $(BIN)/python -m pytest -q \
+		-p no:cacheprovider tests/integration/test_chaos.py tests/integration/test_netns.py || exit 1; done
 
 lint: install
 	$(BIN)/ruff check .

@@ -3,6 +3,7 @@ failure-free run of the same swarm, seed and data.
 
     python benchmarks/chaos.py                           # 3 stages, 150 steps, a kill every 4-10 s
     python benchmarks/chaos.py --steps 300 --out docs/chaos.json
+    python benchmarks/chaos.py --busy 2                  # beside two busy processes: a loaded machine
 
 It checks what must hold and exits non-zero if anything does not: the run completes every step, every stage_lost
 has a matching stage_recovered, no stage step summed a microbatch twice or missed one (no step_mismatch, and the
@@ -36,6 +37,8 @@ def main() -> int:
     parser.add_argument("--bootstrap-share", type=float, default=0.2, help="chance a kill takes the bootstrap")
     parser.add_argument("--extra-join-every", type=float, default=15.0, help="seconds between extra newcomers")
     parser.add_argument("--data", help="text file or folder (default: the embedded corpus)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="processes that keep a core busy during both runs (a loaded machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temporary folder)")
     parser.add_argument("--out", type=Path, help="write both summaries and the chaos actions as JSON")
@@ -46,7 +49,7 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cfnode-chaos-"))
     common = dict(spec=spec, steps=args.steps, replicas=args.replicas, data_path=args.data, seed=args.seed,
                   kill_interval=(args.kill_min, args.kill_max), bootstrap_share=args.bootstrap_share,
-                  extra_join_every=args.extra_join_every)
+                  extra_join_every=args.extra_join_every, busy=args.busy)
     print(f"logs in {workdir}", flush=True)
     print("failure-free run ...", flush=True)
     baseline = run_chaos(ChaosConfig(workdir=workdir / "baseline", chaos=False, **common))
@@ -75,6 +78,8 @@ def main() -> int:
                             f"{mismatches}")
         if summary["steps"] and not summary["ledger_checks"]:
             problems.append(f"{label}: the trainer reported no ledger check")
+        if summary["islands"] or summary["fresh_restarts"]:
+            problems.append(f"{label}: newcomers outside the trained run: {result.newcomers_served}")
         if result.leftover_groups:
             problems.append(f"{label}: process groups left behind: {result.leftover_groups}")
     if args.out:

@@ -58,8 +58,14 @@ def _run(command: str, fn: Callable[[], Any]) -> Any:
 def network_options(fn: Callable) -> Callable:
     options = [
         click.option("--initial-peers", "initial_peers", envvar="CFNODE_INITIAL_PEERS", multiple=True,
-                     help="Multiaddr of a peer already in the swarm (the bootstrap's); repeatable. "
+                     help="Multiaddr of a peer already in the swarm: the bootstrap's, or with --spec-owner any live "
+                          "peer's (`cfnode status` lists some); repeatable. "
                           "Env: CFNODE_INITIAL_PEERS (space-separated)."),
+        click.option("--spec-owner", "spec_owners", envvar="CFNODE_SPEC_OWNER", multiple=True, metavar="PEER_ID",
+                     help="Peer id trusted to sign the run spec: the bootstrap's (`cfnode status` prints it). With "
+                          "it, any live peer of the swarm works as --initial-peers; without it, the run spec must be "
+                          "signed by an initial peer, so those must include the bootstrap. Repeatable. "
+                          "Env: CFNODE_SPEC_OWNER (space-separated)."),
         click.option("--host", default="127.0.0.1", show_default=True, envvar="CFNODE_HOST",
                      help="Address to listen on (0.0.0.0 for all interfaces)."),
         click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, envvar="CFNODE_PORT",
@@ -95,12 +101,34 @@ def _network(kw: dict[str, Any], client_mode: bool = False, require_peers: bool 
             announce.append(announce_maddr(announce_host, port))
         except ValueError as e:
             raise click.UsageError(str(e)) from None
+    owners = tuple(dict.fromkeys(o for item in kw.pop("spec_owners") for o in item.split()))
     _setup_logging(kw.pop("log_level"))
-    return NetworkConfig(
-        initial_peers=peers, host=kw.pop("host"), port=port, identity_path=kw.pop("identity"),
-        announce_maddrs=tuple(announce), client_mode=client_mode, run_id=kw.pop("run_id"),
-        connect_timeout=kw.pop("connect_timeout"),
-    )
+    try:
+        return NetworkConfig(
+            initial_peers=peers, host=kw.pop("host"), port=port, identity_path=kw.pop("identity"),
+            announce_maddrs=tuple(announce), client_mode=client_mode, run_id=kw.pop("run_id"),
+            connect_timeout=kw.pop("connect_timeout"), spec_owner_ids=owners,
+        )
+    except ConfigError as e:  # a bad --spec-owner: one usage line, before anything connects
+        raise click.UsageError(str(e)) from None
+
+
+def _finding_spec(network: NetworkConfig, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn`, with a run spec that cannot be found explained by whom this node trusts to sign it: joined through a
+    stage peer without --spec-owner, a node trusts only that peer, which never signs the spec."""
+    def run() -> Any:
+        from cfnode.node.swarm_map import SpecNotFound
+
+        try:
+            return fn()
+        except SpecNotFound as e:
+            if network.spec_owner_ids:
+                raise
+            raise SpecNotFound(f"{e} (without --spec-owner the run spec must be signed by an --initial-peers peer, "
+                               "the bootstrap: join through its address, or name its peer id with --spec-owner "
+                               "PEER_ID to join through any live peer)") from None
+
+    return run
 
 
 threads_option = click.option(
@@ -263,7 +291,7 @@ def join(stage: str, device: str, request_timeout: float, metrics_port: int | No
                         leave_timeout=leave_timeout, keep_activations=keep_activations, trace_dir=trace_dir,
                         init_from=init_from, state_path=state_path, state_every=state_every)
     _set_threads(threads)
-    _run("join", lambda: run_role(lambda: run_join(config)))
+    _run("join", _finding_spec(config.network, lambda: run_role(lambda: run_join(config))))
 
 
 def _set_threads(threads: int | None) -> None:
@@ -341,7 +369,7 @@ def train(steps: int, data_path: str | None, batch_size: int, microbatches: int,
         tokenizer_path=kw.pop("tokenizer_path"),
     ))
     _set_threads(threads)
-    summary = _run("train", lambda: run_role(lambda: run_train(config)))
+    summary = _run("train", _finding_spec(config.network, lambda: run_role(lambda: run_train(config))))
     click.echo(f"trained to step {summary['final_step']}: loss {summary['loss']:.4f}"
                + (f", validation loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""))
 
@@ -384,9 +412,9 @@ def status(as_json: bool, client_mode: bool, watch: float | None, **kw: Any) -> 
                 click.echo("\033[H\033[J", nl=False)  # clear the terminal: the table redraws in place
             click.echo(f"{time.strftime('%H:%M:%S')}: every {watch:g} s, Ctrl-C to stop\n{render_table(report)}\n")
 
-        _run("status", lambda: run_role(lambda: watch_status(network, watch, show)))
+        _run("status", _finding_spec(network, lambda: run_role(lambda: watch_status(network, watch, show))))
         return
-    report = _run("status", lambda: run_role(lambda: collect_status(network)))
+    report = _run("status", _finding_spec(network, lambda: run_role(lambda: collect_status(network))))
     click.echo(json.dumps(report, indent=2) if as_json else render_table(report))
     if any(not stage["online"] for stage in report["stages"]):
         sys.exit(1)
@@ -422,7 +450,8 @@ def export(out_dir: str, trainer_state: str | None, state_files: tuple[str, ...]
         parts = _run("export", lambda: collect_offline(state_files))
     else:
         network = _network(kw, client_mode=True)
-        parts = _run("export", lambda: run_role(lambda: collect_live(network, trainer_state, timeout)))
+        parts = _run("export", _finding_spec(network, lambda: run_role(lambda: collect_live(network, trainer_state,
+                                                                                           timeout))))
     out = _run("export", lambda: export_model(parts, out_dir, tokenizer_path))
     click.echo(f"exported step {parts.step} of run {parts.spec.run_id!r} to {out} in "
                f"{time.perf_counter() - started:.1f} s: load it with transformers' "

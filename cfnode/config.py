@@ -243,17 +243,47 @@ class NetworkConfig:
     client_mode: bool = False
     run_id: str = "cfnode"
     connect_timeout: float = 30.0  # bound on reaching the initial peers and finding the run spec
+    # Peer ids trusted to sign the run spec (`--spec-owner`, the bootstrap's). Empty: the initial peers' ids, so a
+    # node joins through the bootstrap itself; with it, any live peer of the swarm serves as an initial peer.
+    spec_owner_ids: tuple[str, ...] = ()
+
+    @property
+    def initial_peer_ids(self) -> tuple[str, ...]:
+        """The peer ids at the end of the initial peers' multiaddrs (/.../p2p/<peer id>)."""
+        return tuple(maddr.rsplit("/p2p/", 1)[1].strip("/") for maddr in self.initial_peers if "/p2p/" in maddr)
 
     @property
     def spec_owners(self) -> tuple[str, ...]:
-        """Peer ids trusted to sign the run spec: the initial peers' (one joins a run through its bootstrap)."""
-        return tuple(maddr.rsplit("/p2p/", 1)[1].strip("/") for maddr in self.initial_peers if "/p2p/" in maddr)
+        """Peer ids trusted to sign the run spec: `spec_owner_ids` if given, else the initial peers' ids."""
+        return self.spec_owner_ids or self.initial_peer_ids
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         if self.connect_timeout <= 0:
             raise ConfigError("connect timeout must be positive")
+        for owner in self.spec_owner_ids:
+            if not is_peer_id(owner):
+                raise ConfigError(f"spec owner {owner!r} is not a libp2p peer id: give the bootstrap's base58 peer "
+                                  "id, which `cfnode status` prints (the part after /p2p/ of the bootstrap's "
+                                  "multiaddr: Qm... or 12D3KooW...)")
+
+
+def is_peer_id(value: Any) -> bool:
+    """Whether `value` is a base58 libp2p peer id: a multihash, sha256 (Qm...) or identity (12D3KooW...)."""
+    if not isinstance(value, str) or not 0 < len(value) <= 128:
+        return False
+    from hivemind.p2p import PeerID  # here: hivemind is slow to import and only a given --spec-owner needs it
+
+    try:
+        peer_id = PeerID.from_base58(value)
+    except ValueError:  # a character outside the base58 alphabet
+        return False
+    raw = peer_id.to_bytes()
+    if peer_id.to_base58() != value:  # the decoder skips surrounding whitespace; a peer id has none
+        return False
+    # from_base58 takes any base58 text; a peer id is a multihash: <hash code> <digest length> <digest>
+    return len(raw) > 2 and raw[0] in (0x00, 0x12) and raw[1] == len(raw) - 2 and (raw[0] == 0x00 or raw[1] == 32)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ The points:
   backward's autograd has added its gradient, before the peer answers.
 - `slow_backward`: a stage peer holds its backward reply back for `CFNODE_FAULT_DELAY` seconds (default 5) after
   computing it, so the trainer's call times out although the gradient was accumulated.
+- `empty_view`: a joining node's read of the live stage map comes back empty, as it does through a bootstrap that
+  has just restarted with an empty routing table (list it N times for N reads).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from hivemind.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-POINTS = ("cut_backward", "slow_backward")
+POINTS = ("cut_backward", "slow_backward", "empty_view")
 
 
 class FaultPlan:

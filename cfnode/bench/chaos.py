@@ -2,12 +2,16 @@
 keep joining. Only the trainer, which holds the data, is spared.
 
 The bootstrap comes back the way a supervisor would bring it back: same identity file, same port, so the address
-every process knows stays valid; the run spec it signed is still on the other DHT nodes meanwhile. Newcomers that
-start while it is down fail to connect and are started again, as a volunteer's restart loop would.
+every process knows stays valid; the run spec it signed is still on the other DHT nodes meanwhile. Newcomers are
+given the bootstrap's address and two live peers', with the bootstrap's peer id to trust the spec from, so they can
+join while it is down; one that fails to connect anyway is started again, as a volunteer's restart loop would.
+`busy` runs the whole swarm beside processes that keep cores busy: a loaded machine.
 
 `ChaosResult.summary` counts what happened: the chaos's kills and newcomers, and from the trainer's events the lost
-and recovered stages (each stage_lost matched by a stage_recovered), replayed microbatches, refused and restarted stage
-steps, step mismatches (must be 0) and the ledger checks its train_finished event reports.
+and recovered stages (each stage_lost matched by a stage_recovered; transient ones, which a peer known before the
+loss ended), replayed microbatches, refused and restarted stage steps, step mismatches (must be 0), the ledger checks
+its train_finished event reports and the longest stall between two steps; from the newcomers' logs, islands
+(newcomers serving step 0 of the trained run) and fresh restarts of a trained stage (both must be 0).
 
 `run_chaos` is shared by `benchmarks/chaos.py` (a long run beside a failure-free one) and the test suite (short).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -26,11 +31,15 @@ from typing import Any
 
 from hivemind.utils.logging import get_logger
 
+from cfnode.bench.load import busy_loops
 from cfnode.config import RunSpec
 from cfnode.launcher import Child, group_alive, kill_group, spawn, stop_all, wait_for_maddr
 from cfnode.node.events import EventFollower
 
 logger = get_logger(__name__)
+
+REACHABLE = re.compile(r"reachable at (/\S+/p2p/\S+)")
+SERVING = re.compile(r"serving stage (?P<stage>\d+) \(source: (?P<source>[\w+]+).*?\) at step (?P<step>\d+)")
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class ChaosConfig:
     max_peers: int = 8  # extra newcomers stop once this many stage peers run
     bootstrap_downtime: tuple[float, float] = (1.0, 4.0)
     timeout: float = 1800.0
+    busy: int = 0  # processes that keep a core busy for the whole run (bench/load.py): a loaded machine
 
 
 @dataclass
@@ -61,6 +71,7 @@ class ChaosResult:
     actions: list[dict[str, Any]] = field(default_factory=list)  # what the chaos did, with times
     wall_seconds: float = 0.0
     leftover_groups: list[int] = field(default_factory=list)  # process groups still alive after the stop
+    newcomers_served: list[dict[str, Any]] = field(default_factory=list)  # each newcomer's source and first step
 
     @property
     def final_loss(self) -> float:
@@ -97,6 +108,40 @@ class ChaosResult:
         reported = sum(e.get("step_mismatches", 0) for e in self.events if e["event"] == "train_finished")
         return max(self.event_count("step_mismatch"), reported)
 
+    @property
+    def islands(self) -> list[dict[str, Any]]:
+        """Newcomers that served step 0 although the run had trained (every newcomer joins after the first step):
+        a swarm of their own, which the trainer never sees."""
+        return [n for n in self.newcomers_served if n["step"] == 0]
+
+    @property
+    def fresh_restarts(self) -> list[dict[str, Any]]:
+        """Newcomers that started a stage of the trained run from fresh weights."""
+        return [n for n in self.newcomers_served if n["source"] == "fresh"]
+
+    @property
+    def longest_stall(self) -> float:
+        """The longest time between two consecutive steps, in seconds."""
+        times = [s["time"] for s in self.steps if "time" in s]
+        return round(max((b - a for a, b in zip(times, times[1:])), default=0.0), 2)
+
+    def transient_losses(self) -> list[dict[str, Any]]:
+        """stage_lost events that a peer known before the loss ended: the stage was live, only slow or briefly
+        banned; a real loss is ended by a newcomer."""
+        known: set[str] = set()
+        lost_at: dict[int, int] = {}
+        transient = []
+        for index, event in enumerate(self.events):
+            if event["event"] == "stage_lost":
+                lost_at.setdefault(event["stage"], index)
+            elif event["event"] == "stage_recovered":
+                start = lost_at.pop(event["stage"], None)
+                if start is not None and event.get("peer") in known:
+                    transient.append(self.events[start])
+            if event.get("peer"):
+                known.add(event["peer"])
+        return transient
+
     def summary(self) -> dict[str, Any]:
         counts = Counter(a["action"] for a in self.actions)
         recovered = [e for e in self.events if e["event"] == "stage_recovered"]
@@ -108,7 +153,8 @@ class ChaosResult:
             "final_loss": self.final_loss, "final_val_loss": self.final_val_loss,
             "peers_killed": counts["kill_peer"], "bootstrap_kills": counts["kill_bootstrap"],
             "newcomers": counts["join"], "failed_joins": counts["join_failed"],
-            "stage_lost": lost, "stage_recovered": len(recovered),
+            "stage_lost": lost, "transient_stage_lost": len(self.transient_losses()),
+            "stage_recovered": len(recovered),
             "losses_matched": lost - unmatched, "unmatched_losses": unmatched,
             "recovery_sources": dict(Counter(e["source"] for e in recovered)),
             "mean_downtime": round(sum(downtimes) / len(downtimes), 2) if downtimes else None,
@@ -119,6 +165,8 @@ class ChaosResult:
             "stage_steps_restarted": self.event_count("stage_step_restarted"),
             "step_mismatches": self.step_mismatches,
             "ledger_checks": self.ledger_checks,
+            "islands": len(self.islands), "fresh_restarts": len(self.fresh_restarts),
+            "longest_stall_s": self.longest_stall,
             "leftover_process_groups": len(self.leftover_groups),
         }
 
@@ -170,14 +218,31 @@ class ChaosSwarm:
         self.maddr = wait_for_maddr(maddr_path, self.bootstrap, timeout=60)
 
     def start_peer(self, stage: int | str) -> Child:
+        # As a volunteer would be told: the bootstrap and a few peers' addresses, and the bootstrap's peer id to
+        # trust the run spec from, so a newcomer joins while the bootstrap is down.
+        entry = [self.maddr, *self.rng.sample(self.peer_addresses(), min(2, len(self.peer_addresses())))]
+        owner = self.maddr.rsplit("/p2p/", 1)[1]
         child = self._spawn(f"peer-{len(self.peers)}-stage-{stage}", [
-            "join", "--initial-peers", self.maddr, "--stage", str(stage), "--run-id", self.config.spec.run_id,
+            "join", *(arg for maddr in entry for arg in ("--initial-peers", maddr)), "--spec-owner", owner,
+            "--stage", str(stage), "--run-id", self.config.spec.run_id,
             "--connect-timeout", "10", "--leave-timeout", "0"])  # kills are SIGKILLs; the final stop is for all
         self.peers.append(child)
         return child
 
     def live_peers(self) -> list[Child]:
         return [c for c in self.peers if c.process.poll() is None]
+
+    def peer_addresses(self) -> list[str]:
+        """An address of each live peer that has logged one (`reachable at ...`)."""
+        found = []
+        for child in self.live_peers():
+            match = REACHABLE.search(child.log_path.read_text(errors="replace")) if child.log_path.exists() else None
+            if match:
+                found.append(match[1])
+        return found
+
+    def can_join(self) -> bool:
+        return self.bootstrap_up() or (bool(self.maddr) and bool(self.peer_addresses()))
 
     def run(self) -> ChaosResult:
         config = self.config
@@ -216,7 +281,20 @@ class ChaosSwarm:
             time.sleep(0.2)
         events = EventFollower(events_path).poll()
         return ChaosResult(exit_code, [e for e in events if e["event"] == "step"], events, self.actions,
-                           time.monotonic() - self.started, [g for g in groups if group_alive(g)])
+                           time.monotonic() - self.started, [g for g in groups if group_alive(g)],
+                           self._newcomers_served())
+
+    def _newcomers_served(self) -> list[dict[str, Any]]:
+        """What each newcomer (`--stage auto`, started by the chaos) served: from its log's "serving" line."""
+        served = []
+        for child in self.peers:
+            if not child.name.endswith("stage-auto") or not child.log_path.exists():
+                continue
+            match = SERVING.search(child.log_path.read_text(errors="replace"))
+            if match:
+                served.append({"peer": child.name, "stage": int(match["stage"]), "source": match["source"],
+                               "step": int(match["step"])})
+        return served
 
     # --- the chaos thread ------------------------------------------------------------------------------------
 
@@ -237,7 +315,7 @@ class ChaosSwarm:
                     self._kill_something()
                     next_kill = now + self.rng.uniform(*config.kill_interval)
                 if now >= next_extra:
-                    if len(self.live_peers()) < config.max_peers and self.bootstrap_up():
+                    if len(self.live_peers()) < config.max_peers and self.can_join():
                         self._join("extra")
                     next_extra = now + config.extra_join_every
 
@@ -286,7 +364,7 @@ class ChaosSwarm:
             elif code is None and "joining stage" in child.log_path.read_text(errors="replace"):
                 self._joining.remove(child)
         due = [t for t in self._pending_joins if t <= now]
-        if not due or not self.bootstrap_up():
+        if not due or not self.can_join():
             return
         for t in due:
             self._pending_joins.remove(t)
@@ -299,4 +377,5 @@ class ChaosSwarm:
 
 
 def run_chaos(config: ChaosConfig) -> ChaosResult:
-    return ChaosSwarm(config).run()
+    with busy_loops(config.busy):  # a loaded machine, if asked for: the load runs as long as the swarm does
+        return ChaosSwarm(config).run()

@@ -24,7 +24,8 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
     async with connect(config.network) as (dht, p2p, identity):
         spec = await read_spec(dht, config.network)
         client = StageClient(p2p, spec.max_message_bytes, spec.wire_dtype, spec=spec)
-        stage = await pick_stage(config, dht, spec, client)
+        choice, claim = await pick_stage(config, dht, spec, client, identity)
+        stage = choice.stage
         trace = ComputeTrace(config.trace_dir, stage, identity.peer_id.to_base58()) if config.trace_dir else None
         peer = StagePeer(spec, stage, identity, dht, client, config.device, config.request_timeout,
                          config.keep_activations, trace, config.init_from, config.state_path, config.state_every)
@@ -36,8 +37,12 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
         announcer = None
         try:
             logger.info(f"joining stage {stage} of {spec.num_stages} as {peer.peer_id}")
+            if peer.maddrs:  # any of them works as an initial peer for other nodes (with --spec-owner)
+                logger.info(f"reachable at {' '.join(peer.maddrs[:2])}")
             await peer.announce()  # JOINING: other newcomers now see this stage as taken
-            await peer.obtain_weights(await live_stage_map(dht, spec, client))
+            claim.release()
+            await peer.obtain_weights(await live_stage_map(dht, spec, client, unanswered=peer.unanswered),
+                                      choice.ahead)
             peer.state = PeerState.ONLINE
             announcer = asyncio.create_task(peer.announce_forever())
             recovered = f", from {', '.join(peer.recovered_from)}" if peer.recovered_from else ""
@@ -46,6 +51,7 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
                 ready.set()
             await wait_forever()
         finally:
+            claim.release()
             served = peer.state == PeerState.ONLINE
             if peer.state == PeerState.ONLINE and config.leave_timeout > 0:  # the announcer refreshes LEAVING
                 logger.info(f"stage {stage}: leaving (up to {config.leave_timeout:.0f} s to hand over)")

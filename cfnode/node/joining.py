@@ -8,15 +8,16 @@ import asyncio
 import functools
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from hivemind.utils.logging import get_logger
 
 from cfnode.hf.init_from import initial_state
 from cfnode.model import build_body_stage
-from cfnode.node.discovery import live_stage_map
+from cfnode.node.claims import read_claims
+from cfnode.node.discovery import live_stage_map, wait_for_live_stage
 from cfnode.node.stage_state import load_snapshot, make_optimizer, model_state
-from cfnode.node.swarm_map import StageMap, online, read_trainers, swarm_step
+from cfnode.node.swarm_map import StageMap, merge_stage_maps, online, read_progress, read_trainers, swarm_step
 from cfnode.protocol.messages import (
     ProtocolError,
     StateSnapshot,
@@ -29,16 +30,30 @@ from cfnode.recovery.refit import refit, refits
 
 logger = get_logger(__name__)
 
+SECOND_LOOK_SECONDS = 2.0  # between the two looks that find a stage of a trained run lost
+FIRST_WAIT_SLACK = 120.0  # beyond the refit budget: how long a newcomer waits for the one ahead of it to serve
+
 
 class Joining:
     """The joining half of StagePeer (its state lives there)."""
 
-    async def obtain_weights(self, stage_map: StageMap) -> None:
+    async def obtain_weights(self, stage_map: StageMap, ahead: Sequence[str] = ()) -> None:
         """Copy a replica exactly if there is one (a leaving one counts: it waits to hand its state over), else an
-        exact copy a leaving last peer left with a neighbour, else rebuild the stage (see recovery.rebuild)."""
+        exact copy a leaving last peer left with a neighbour, else rebuild the stage (see recovery.rebuild).
+
+        `ahead`: newcomers that took this stage before this one. While one of them is still obtaining the stage's
+        weights this one waits and copies it, so racing newcomers end up as replicas, not as independent rebuilds.
+        """
+        if ahead and not self._replicas(stage_map):
+            stage_map = await self._wait_for_first(stage_map, ahead)
+        if not self._replicas(stage_map) and swarm_step(stage_map, self.spec) > 0:
+            # A second look before concluding the stage is lost: a view taken while the DHT is slow, or just after
+            # this node connected, can miss live replicas, and a rebuild would start a second, diverging copy.
+            await asyncio.sleep(SECOND_LOOK_SECONDS)
+            second = await live_stage_map(self.dht, self.spec, self.client, unanswered=self.unanswered)
+            stage_map = merge_stage_maps(stage_map, second, self.spec.announce_ttl)
         timeout = self.request_timeout * 4
-        replicas = [p for p in stage_map.get(self.stage, [])
-                    if p.state in (PeerState.ONLINE, PeerState.LEAVING) and p.peer_id != self.peer_id]
+        replicas = self._replicas(stage_map)
         random.shuffle(replicas)
         replicas.sort(key=lambda p: -p.step)
         if await self._copy_exact(replicas, "replica",
@@ -59,6 +74,35 @@ class Joining:
         if await self._copy_exact(holders, "handoff", current_copy):
             return
         await self._rebuild(stage_map)
+
+    def _replicas(self, stage_map: StageMap) -> list[StageAnnouncement]:
+        return [p for p in stage_map.get(self.stage, [])
+                if p.state in (PeerState.ONLINE, PeerState.LEAVING) and p.peer_id != self.peer_id]
+
+    async def _wait_for_first(self, stage_map: StageMap, ahead: Sequence[str]) -> StageMap:
+        """Wait until a replica of this stage serves (to copy it) or every newcomer ahead of this one has gone."""
+        started = logged = time.monotonic()
+        deadline = started + self.spec.refit_seconds + FIRST_WAIT_SLACK
+        while not self._replicas(stage_map):
+            joining = {p.peer_id for p in stage_map.get(self.stage, []) if p.state == PeerState.JOINING}
+            claiming = {c.peer_id for c in await read_claims(self.dht, self.spec) if c.stage in (0, self.stage)}
+            waiting_on = [p for p in ahead if p in joining | claiming]
+            now = time.monotonic()
+            if not waiting_on:
+                logger.info(f"stage {self.stage}: the newcomers ahead of this one are gone; obtaining the weights "
+                            "without them")
+                break
+            if now > deadline:
+                logger.warning(f"stage {self.stage}: {waiting_on[0]} has not served after {now - started:.0f} s; "
+                               "obtaining the weights without it")
+                break
+            if now - logged >= 10.0 or logged == started:
+                logged = now
+                logger.info(f"stage {self.stage}: waiting for {waiting_on[0]}, which took this stage first, to "
+                            f"serve, so as to copy it ({now - started:.0f} s so far)")
+            await asyncio.sleep(1.0)
+            stage_map = await live_stage_map(self.dht, self.spec, self.client)
+        return stage_map
 
     async def _copy_exact(self, peers: list[StageAnnouncement], source: str,
                           fetch: Callable[[StageAnnouncement], Awaitable[StateSnapshot]]) -> bool:
@@ -81,8 +125,13 @@ class Joining:
 
     async def _rebuild(self, stage_map: StageMap) -> None:
         """No live replica: rebuild from the nearest live stages, or start fresh in a swarm that never trained."""
-        trained = swarm_step(stage_map, self.spec) > 0
+        progress = await read_progress(self.dht, self.spec)
+        reached = max(swarm_step(stage_map, self.spec), progress.step if progress else 0)
+        trained = reached > 0
         live = {s for s, peers in stage_map.items() if s != self.stage and online(peers)}
+        if trained and not live and self.spec.num_stages > 1:
+            stage_map = await wait_for_live_stage(self.dht, self.spec, self.client, reached, besides=self.stage)
+            live = {s for s, peers in stage_map.items() if s != self.stage and online(peers)}
         while True:
             plan = plan_rebuild(self.stage, self.spec.num_stages, live, self.spec.recovery, trained)
             for warning in plan.warnings:
@@ -207,9 +256,14 @@ class Joining:
             self._resync_task = self._spawn(self._resync(target_step))
 
     async def _resync(self, target_step: int) -> None:
-        """This replica fell behind (it missed a step); copy a replica that is at the swarm's step."""
-        logger.warning(f"stage {self.stage}: at step {self.current_step} but the swarm is at step {target_step}; "
-                       "resyncing")
+        """This replica fell behind (it missed a step), or it served weights of its own that the trainer's swarm
+        never trained (an island): stop serving (JOINING) and take the swarm's state, as a newcomer would."""
+        if self.source == "fresh" and not self._step_anchored:
+            logger.warning(f"stage {self.stage}: serving fresh weights at step {self.current_step}, but the "
+                           f"trainer's swarm is at step {target_step}: this peer was outside it; joining it properly")
+        else:
+            logger.warning(f"stage {self.stage}: at step {self.current_step} but the swarm is at step {target_step}; "
+                           "resyncing")
         stage_map = await live_stage_map(self.dht, self.spec, self.client)  # the replicas' steps now, not announced
         replicas = [p for p in stage_map.get(self.stage, []) if p.state in (PeerState.ONLINE, PeerState.LEAVING)
                     and p.peer_id != self.peer_id and p.step >= target_step]

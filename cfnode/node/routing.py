@@ -74,6 +74,13 @@ class Router:
         self._banned[peer_id] = time.monotonic() + seconds
         return seconds
 
+    def strikes(self, peer_id: str) -> int:
+        """How many times in a row the peer has failed."""
+        return self._strikes.get(peer_id, 0)
+
+    def unban(self, peer_id: str) -> None:
+        self._banned.pop(peer_id, None)
+
     def succeeded(self, peer_id: str) -> None:
         self._strikes.pop(peer_id, None)
 

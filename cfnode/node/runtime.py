@@ -67,7 +67,9 @@ async def connect(network: NetworkConfig) -> AsyncIterator[tuple[hivemind.DHT, P
         if network.identity_path is None:
             shutil.rmtree(os.path.dirname(identity.path), ignore_errors=True)
     p2p = None
-    keepalive = asyncio.create_task(keep_in_touch(dht, network.spec_owners)) if network.spec_owners else None
+    # The peers joined through and the spec owners (the bootstrap, where a node joined through another peer)
+    targets = tuple(dict.fromkeys((*network.initial_peer_ids, *network.spec_owners)))
+    keepalive = asyncio.create_task(keep_in_touch(dht, targets)) if targets else None
     try:
         p2p = await dht.replicate_p2p()
         yield dht, p2p, identity
@@ -84,9 +86,9 @@ KEEPALIVE_SECONDS = 2.0
 
 
 async def keep_in_touch(dht: hivemind.DHT, peer_ids: tuple[str, ...]) -> None:
-    """Ping the initial peers now and then. A bootstrap that restarts (same identity, same address) comes back with
-    an empty routing table; the pings put every node back in it within seconds, so newcomers that join through it
-    see the whole swarm instead of an island of other newcomers."""
+    """Ping the initial peers and the spec owners now and then. A bootstrap that restarts (same identity, same
+    address) comes back with an empty routing table; the pings put every node back in it within seconds, so
+    newcomers that join through it see the whole swarm instead of an island of other newcomers."""
     targets = [PeerID.from_base58(p) for p in peer_ids]
     while True:
         await asyncio.sleep(KEEPALIVE_SECONDS)

@@ -50,6 +50,20 @@ class ThroughputMeter:
         self.value = rate if self.value == 0 else self.smoothing * self.value + (1 - self.smoothing) * rate
 
 
+def dialable_maddrs(dht: hivemind.DHT, peer_id: str, limit: int = 8) -> list[str]:
+    """The multiaddrs other peers can dial this one at, each ending in /p2p/<peer id> (hivemind 1.1.12 appends it;
+    added here where missing), at most `limit` (what a stage announcement carries). Asked once: the DHT process
+    answers from the p2p daemon's listen and announce addresses, which do not change while it runs."""
+    try:
+        found = [str(m) for m in dht.get_visible_maddrs()]
+    except Exception as e:  # no address (a client-mode DHT) or a DHT hiccup: the peer works, it just lists none
+        logger.warning(f"could not read this peer's addresses, announcing none: {e}")
+        return []
+    suffix = f"/p2p/{peer_id}"
+    full = [m if m.endswith(suffix) else m.rstrip("/") + suffix for m in found]
+    return [m for m in dict.fromkeys(full) if len(m) <= 256][:limit]
+
+
 class StagePeer(Joining, Serving, Leaving):
     """One replica of body stage `stage`: the StageBackend behind StageService."""
 
@@ -62,6 +76,7 @@ class StagePeer(Joining, Serving, Leaving):
         self.state_path, self.state_every = state_path, state_every  # this replica's saved state, for exports
         self.peer_id = identity.peer_id.to_base58()
         self.dht, self.client = dht, client
+        self.maddrs = dialable_maddrs(dht, self.peer_id)  # announced: newcomers may join the swarm through this peer
         self.device = torch.device(device)
         self.request_timeout = request_timeout
         self.trace = trace  # compute calls with their wall-clock times, for pipeline timelines
@@ -103,6 +118,7 @@ class StagePeer(Joining, Serving, Leaving):
         self.kept: dict[int, StateSnapshot] = {}
         self._grad_session = ""  # the trainer run whose gradients are accumulated now
         self._last_applied: int | None = None  # the step last applied, so a retried step call is idempotent
+        self.unanswered: set[str] = set()  # peers that did not answer this peer's looks at the swarm while it joined
 
 
     def _reset_step_buffers(self) -> None:
@@ -125,6 +141,7 @@ class StagePeer(Joining, Serving, Leaving):
             throughput=round(self.throughput.value, 3), load=self.load, grad_norm=self.grad_norm,
             source=self.source, recovered_from=list(self.recovered_from), announced_at=round(get_dht_time(), 3),
             kept=sorted(self.kept), refit=dict(self.refit_report), step_proof=self.step_proof,
+            maddrs=list(self.maddrs),
         )
 
     async def announce(self) -> None:

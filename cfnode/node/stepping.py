@@ -11,6 +11,7 @@ import asyncio
 from hivemind.utils.logging import get_logger
 
 from cfnode.node.routing import Backoff
+from cfnode.node.stage_calls import describe_error
 from cfnode.node.step_book import SentBackward
 from cfnode.protocol.ledger import ledger_diff, ledger_digest
 from cfnode.protocol.messages import GROUP_FAILED, LEDGER_MISMATCH, RemoteError, StepReply, StepRequest
@@ -84,7 +85,7 @@ class Stepping:
                     for failed in reply.peers:
                         self._peer_failed(stage, failed, f"unreachable during the step: {reply.message}")
                 else:
-                    self._peer_failed(stage, peer, f"step failed: {_describe(reply)}")
+                    self._peer_failed(stage, peer, f"step failed: {describe_error(reply)}")
             if applied:
                 # Replicas that did not apply are now behind; their next request finds them stale and they resync.
                 self.grad_norms[stage] = next(iter(applied.values())).grad_norm
@@ -147,8 +148,3 @@ class Stepping:
         book.excluded |= offenders
         self.events.emit("ledger_refused", stage=stage, step=self.step + 1, peers=sorted(offenders),
                          reason=error.message[:300])
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -13,8 +13,15 @@ from hivemind.utils.logging import get_logger
 
 from cfnode.config import NetworkConfig, RunSpec
 from cfnode.protocol.identity import owner_peer_id
-from cfnode.protocol.keys import spec_key, stage_key, trainer_key
-from cfnode.protocol.records import PeerState, RecordError, StageAnnouncement, TrainerAnnouncement, spec_from_wire
+from cfnode.protocol.keys import progress_key, spec_key, stage_key, trainer_key
+from cfnode.protocol.records import (
+    PeerState,
+    RecordError,
+    RunProgress,
+    StageAnnouncement,
+    TrainerAnnouncement,
+    spec_from_wire,
+)
 from cfnode.protocol.trust import is_trainer, step_proven
 
 logger = get_logger(__name__)
@@ -35,6 +42,7 @@ async def read_spec(dht: hivemind.DHT, network: NetworkConfig) -> RunSpec:
         raise SpecNotFound("no trusted run spec owner: --initial-peers must name the bootstrap as /.../p2p/<peer id>")
     deadline = time.monotonic() + network.connect_timeout
     delay = 0.2
+    untrusted: set[str] = set()  # signers of specs that were found but are not trusted, for the error
     while True:
         found = await dht.get(spec_key(run_id), latest=True, return_future=True)
         specs = {}
@@ -43,6 +51,8 @@ async def read_spec(dht: hivemind.DHT, network: NetworkConfig) -> RunSpec:
                 owner = owner_peer_id(subkey)
                 if owner is None or owner.to_base58() not in owners:
                     logger.debug(f"ignoring a run spec signed by an untrusted peer {owner}")
+                    if owner is not None:
+                        untrusted.add(owner.to_base58())
                     continue
                 try:
                     specs[owner.to_base58()] = spec_from_wire(entry.value)
@@ -52,9 +62,11 @@ async def read_spec(dht: hivemind.DHT, network: NetworkConfig) -> RunSpec:
             if owner in specs:
                 return specs[owner]
         if time.monotonic() + delay > deadline:
+            seen = (f"; a spec signed by {', '.join(sorted(untrusted))} is there: if that is this run's bootstrap, "
+                    "pass --spec-owner with its peer id") if untrusted else ""
             raise SpecNotFound(
                 f"no run spec for run {run_id!r} signed by {', '.join(owners)} on the DHT after "
-                f"{network.connect_timeout:.0f} s: is the bootstrap for this run up?"
+                f"{network.connect_timeout:.0f} s: is the bootstrap for this run up?{seen}"
             )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
@@ -79,6 +91,24 @@ async def read_trainers(dht: hivemind.DHT, spec: RunSpec) -> list[TrainerAnnounc
         if not is_trainer(spec, record.peer_id):
             logger.warning(f"ignoring a trainer record of {record.peer_id}: the run spec does not authorise it")
     return sorted((r for r in records if is_trainer(spec, r.peer_id)), key=lambda t: -t.announced_at)
+
+
+async def read_progress(dht: hivemind.DHT, spec: RunSpec) -> RunProgress | None:
+    """The furthest step any writer says the run reached with a trainer's proof of it (the trainer and the
+    bootstrap write it; an unproven claim is skipped, so who wrote it does not matter)."""
+    found = await dht.get(progress_key(spec.run_id), latest=True, return_future=True)
+    if found is None or not isinstance(found.value, dict):
+        return None
+    best = None
+    for entry in found.value.values():
+        try:
+            record = RunProgress.from_wire(entry.value)
+        except RecordError:
+            continue
+        if record.step > 0 and step_proven(spec, record.step, record.step_proof) and (
+                best is None or record.step > best.step):
+            best = record
+    return best
 
 
 def owned_records(found: Any, parse: Callable[[Any], R]) -> list[R]:

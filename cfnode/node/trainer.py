@@ -2,7 +2,7 @@
 
 The trainer holds the token embedding, final norm and LM head (the paper's stage 0). For each step it
 runs all microbatches concurrently, so different stages work on different microbatches at once; each
-call goes to the least loaded usable replica of its stage, and a failed call moves to another one.
+call goes to the least loaded usable replica of its stage, and a failed call moves to another one (stage_calls.py).
 The inputs and output gradients sent to each stage are kept until the step is applied, so a replica
 that dies before the step can have its share of the gradient replayed on a survivor: no microbatch is
 silently dropped.
@@ -15,7 +15,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -31,29 +31,25 @@ from cfnode.hf.init_from import initial_state
 from cfnode.model import build_head
 from cfnode.node.events import EventLog
 from cfnode.node.metrics import TrainerMetrics, serving
-from cfnode.node.routing import Backoff, Router, StageUnavailable
+from cfnode.node.routing import Router
+from cfnode.node.stage_calls import StageCalls, TrainerError, describe_error
 from cfnode.node.stage_state import load_snapshot, load_state_file, save_state_file, snapshot
 from cfnode.node.step_book import SentBackward, StepBook
 from cfnode.node.stepping import Stepping
 from cfnode.node.swarm_map import swarm_step
 from cfnode.protocol.identity import Identity
-from cfnode.protocol.keys import trainer_key
+from cfnode.protocol.keys import progress_key, trainer_key
 from cfnode.protocol.messages import (
     BAD_REQUEST,
     NO_ACTIVATIONS,
-    NOT_READY,
-    STALE,
-    TRUNCATED,
-    UNAUTHORISED,
     BackwardRequest,
     ForwardRequest,
     ProtocolError,
     RemoteError,
     StageRequest,
     StepReply,
-    TruncatedStream,
 )
-from cfnode.protocol.records import TrainerAnnouncement
+from cfnode.protocol.records import PROGRESS_TTL, RunProgress, TrainerAnnouncement
 from cfnode.protocol.service import RequestRefused, StageClient, TrainerService
 from cfnode.protocol.timing import add_time, collecting, run_timed, timed
 from cfnode.protocol.trust import is_trainer, sign_step
@@ -64,15 +60,9 @@ from cfnode.recovery.schedule import microbatch_routes
 logger = get_logger(__name__)
 T = TypeVar("T")
 
-REFUSAL_BAN_SECONDS = 1.0  # a stale or joining peer is usable again once it has caught up
-STILL_WAITING_EVERY = 30.0  # seconds between log lines while a lost stage is awaited
 
 
-class TrainerError(RuntimeError):
-    pass
-
-
-class Trainer(Stepping):
+class Trainer(Stepping, StageCalls):
     def __init__(self, config: TrainConfig, spec: RunSpec, dht: hivemind.DHT, p2p: P2P, dataset: TextDataset,
                  identity: Identity | None = None):
         self.config, self.spec = config, spec
@@ -295,44 +285,6 @@ class Trainer(Stepping):
             raise ProtocolError(f"stage {stage} {what} has shape {tuple(checked.shape)}, expected {tuple(shape)}")
         return checked
 
-    # --- calls with retries --------------------------------------------------------------------------------
-
-    async def _call(self, stage: int, what: str, fn: Callable[[str], Awaitable[T]],
-                    avoid: set[str] = frozenset()) -> tuple[str, T]:
-        """Run fn on a usable peer of the stage (not in `avoid`); on failure ban it and try another; wait while none
-        is left."""
-        backoff = Backoff(0.1, 0.5)  # a lost stage is polled often: resuming promptly matters more than DHT load
-        while True:
-            peer = self.router.pick(stage, avoid)
-            if peer is None:
-                await self.router.refresh(max_age=0.25)
-                peer = self.router.pick(stage, avoid)
-            if peer is None:
-                await self._wait_for_stage(stage, backoff)
-                continue
-            self.router.started(peer)
-            try:
-                result = await self.metrics.timed(what, _retry_cut_streams(fn, peer))
-            except RemoteError as e:
-                if e.code in (BAD_REQUEST, UNAUTHORISED):
-                    raise TrainerError(f"stage {stage} peer {peer} refused a {what} request: {e.message}") from None
-                if e.code in (STALE, NOT_READY):
-                    self.router.ban(peer, REFUSAL_BAN_SECONDS)
-                    logger.debug(f"stage {stage} peer {peer} refused {what}: {e}")
-                else:
-                    self._peer_failed(stage, peer, f"{what}: {e}")
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self._peer_failed(stage, peer, f"{what}: {_describe(e)}")
-                continue
-            finally:
-                self.router.finished(peer)
-            self.router.succeeded(peer)
-            self._stage_available(stage, peer)
-            return peer, result
-
     def _check_authorised(self) -> None:
         """Stage peers take training calls only from the trainers the signed run spec names: fail fast, and say how
         to fix it, rather than have every call refused."""
@@ -340,57 +292,6 @@ class Trainer(Stepping):
             raise TrainerError(
                 f"this trainer ({self.p2p_peer_id}) is not one the run {self.spec.run_id!r} authorises. Start it with "
                 "--identity FILE, naming the identity file the bootstrap was given with --trainer FILE")
-
-    def _peer_failed(self, stage: int, peer: str, reason: str) -> None:
-        if not self.router.is_banned(peer):
-            self.events.emit("peer_failed", stage=stage, peer=peer, step=self.step + 1, reason=reason)
-        self.router.ban(peer)
-
-    async def _wait_for_stage(self, stage: int, backoff: Backoff) -> None:
-        now = time.monotonic()
-        if stage not in self._lost_since:
-            self._lost_since[stage] = self._lost_logged[stage] = now
-            self.events.emit("stage_lost", stage=stage, step=self.step + 1)
-            logger.warning(f"stage {stage} has no usable peer; waiting {self._patience()} for one to join")
-        waited = now - self._lost_since[stage]
-        if waited > self.config.stage_timeout:
-            raise StageUnavailable(f"stage {stage} had no usable peer for {self.config.stage_timeout:.0f} s")
-        if now - self._lost_logged[stage] >= STILL_WAITING_EVERY:  # a long wait keeps saying why it waits
-            self._lost_logged[stage] = now
-            announced = self.router.stage_map.get(stage, [])
-            states = ", ".join(f"{p.peer_id[-6:]} {p.state.value}" + (" (banned)" if self.router.is_banned(p.peer_id)
-                                                                      else "") for p in announced) or "none"
-            logger.warning(f"stage {stage} still has no usable peer after {waited:.0f} s (waiting {self._patience()}); "
-                           f"announced peers: {states}")
-        await asyncio.sleep(backoff.next_delay())
-
-    def _patience(self) -> str:
-        timeout = self.config.stage_timeout
-        return "as long as it takes" if math.isinf(timeout) else f"up to {timeout:.0f} s"
-
-    def _stage_available(self, stage: int, peer: str) -> None:
-        """A call to a lost stage succeeded again: report how long it was down and where its weights came from."""
-        lost_since = self._lost_since.pop(stage, None)
-        if lost_since is not None:
-            record = next((p for p in self.router.stage_map.get(stage, []) if p.peer_id == peer), None)
-            self.events.emit("stage_recovered", stage=stage, step=self.step + 1, peer=peer,
-                             source=record.source if record else "unknown",
-                             recovered_from=record.recovered_from if record else [],
-                             refit=record.refit if record else {},
-                             downtime=round(time.monotonic() - lost_since, 3))
-
-    async def _wait_for_all_stages(self) -> None:
-        backoff = Backoff(0.5, 3.0)
-        deadline = time.monotonic() + self.config.stage_timeout
-        while True:
-            await self.router.refresh()
-            missing = [s for s in range(1, self.spec.num_stages + 1) if not self.router.usable(s)]
-            if not missing:
-                return
-            if time.monotonic() > deadline:
-                raise StageUnavailable(f"stages {missing} have no online peer after {self.config.stage_timeout:.0f} s")
-            logger.info(f"waiting for stages {missing} to come online ({self._patience()})")
-            await asyncio.sleep(backoff.next_delay())
 
     # --- copies of the embedding and head at the edge stages ----------------------------------------------
 
@@ -408,7 +309,7 @@ class Trainer(Stepping):
         stored = [f"{stage}:{peer}" for (stage, peer), r in zip(peers, results) if not isinstance(r, BaseException)]
         for (stage, peer), result in zip(peers, results):
             if isinstance(result, BaseException):
-                logger.warning(f"copying the head to stage {stage} peer {peer} failed: {_describe(result)}")
+                logger.warning(f"copying the head to stage {stage} peer {peer} failed: {describe_error(result)}")
         self.events.emit("head_copied", step=self.step, peers=stored)
 
     # --- cached activations, for refits ----------------------------------------------------------------------
@@ -427,6 +328,12 @@ class Trainer(Stepping):
                 await self.dht.store(trainer_key(self.spec.run_id), record.to_wire(),
                                      get_dht_time() + self.spec.announce_ttl, subkey=self.identity.owner_subkey,
                                      return_future=True)
+                if self.step > 0:  # the run trained: newcomers must never take a view without stages as a new run
+                    progress = RunProgress(self.step, sign_step(self.identity, self.spec.run_id, self.step),
+                                           round(get_dht_time(), 3))
+                    await self.dht.store(progress_key(self.spec.run_id), progress.to_wire(),
+                                         get_dht_time() + PROGRESS_TTL, subkey=self.identity.owner_subkey,
+                                         return_future=True)
             except Exception as e:  # the DHT may hiccup; the next round retries
                 logger.warning(f"announcing the trainer failed: {e}")
             await asyncio.sleep(self.spec.announce_ttl / 4)
@@ -523,20 +430,6 @@ class Trainer(Stepping):
         self.optimizer.zero_grad(set_to_none=True)
 
 
-async def _retry_cut_streams(fn: Callable[[str], Awaitable[T]], peer: str, attempts: int = 3) -> T:
-    """The p2p daemon now and then cuts the tail off a stream; the same call again usually goes through.
-    Retrying the same peer is safe: a stage accumulates each microbatch's backward only once per step."""
-    for attempt in range(attempts):
-        try:
-            return await fn(peer)
-        except (TruncatedStream, RemoteError) as e:
-            cut = isinstance(e, TruncatedStream) or e.code == TRUNCATED
-            if not cut or attempt == attempts - 1:
-                raise
-            logger.debug(f"stream to {peer} was cut short ({e}); sending it again")
-    raise AssertionError("unreachable")
-
-
 def time_split(timing: dict[str, float]) -> dict[str, float]:
     """A step's call time by where it went, in seconds summed over all calls (concurrent calls overlap, so the
     sum exceeds the step's wall time): compute at the stages and at the trainer's head, the wait for a stage's
@@ -552,11 +445,6 @@ def time_split(timing: dict[str, float]) -> dict[str, float]:
                  transfer=max(0.0, timing.get("call", 0.0) - stage_side - local_side),
                  calls=timing.get("call", 0.0), apply_step=timing.get("apply_step", 0.0))
     return {kind: round(seconds, 4) for kind, seconds in split.items()}
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def load_dataset(config: TrainConfig, spec: RunSpec) -> TextDataset:

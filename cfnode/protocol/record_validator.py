@@ -8,6 +8,9 @@ Rules:
   only its own announcement (RSASignatureValidator checks the signature against the key in the subkey);
 - the run spec lives under `spec_key(run)` with its writer's owner subkey and must parse as that run's RunSpec;
 - the trainer's announcement lives under `trainer_key(run)`, its peer_id the peer id of the subkey's key;
+- a newcomer's join claim lives under `claims_key(run)`, its peer_id the peer id of the subkey's key;
+- the run's progress lives under `progress_key(run)` and must parse as RunProgress (its step counts for readers
+  only with a trainer's proof, so any writer will do);
   which writer is trusted (the bootstrap) is the reader's choice, see `swarm_map.read_spec`.
 Keys of other runs sharing the DHT, and hivemind's own, pass untouched.
 """
@@ -22,8 +25,15 @@ from hivemind.utils.logging import get_logger
 
 from cfnode.config import MAX_STAGES
 from cfnode.protocol.identity import Identity, owner_peer_id
-from cfnode.protocol.keys import spec_key, stage_key, trainer_key
-from cfnode.protocol.records import RecordError, StageAnnouncement, TrainerAnnouncement, spec_from_wire
+from cfnode.protocol.keys import claims_key, progress_key, spec_key, stage_key, trainer_key
+from cfnode.protocol.records import (
+    JoinClaim,
+    RecordError,
+    RunProgress,
+    StageAnnouncement,
+    TrainerAnnouncement,
+    spec_from_wire,
+)
 
 logger = get_logger(__name__)
 
@@ -33,12 +43,15 @@ class RunRecordValidator(RecordValidatorBase):
         self.run_id = run_id
         self._spec_key = DHTID.generate(source=spec_key(run_id)).to_bytes()
         self._trainer_key = DHTID.generate(source=trainer_key(run_id)).to_bytes()
+        self._claims_key = DHTID.generate(source=claims_key(run_id)).to_bytes()
+        self._progress_key = DHTID.generate(source=progress_key(run_id)).to_bytes()
         self._stage_keys = {DHTID.generate(source=stage_key(run_id, s)).to_bytes(): s
                             for s in range(1, MAX_STAGES + 1)}
 
     def validate(self, record: DHTRecord) -> bool:
         stage = self._stage_keys.get(record.key)
-        if stage is None and record.key not in (self._spec_key, self._trainer_key):
+        if stage is None and record.key not in (self._spec_key, self._trainer_key, self._claims_key,
+                                                self._progress_key):
             return True
         try:
             self._check(record, stage)
@@ -56,6 +69,14 @@ class RunRecordValidator(RecordValidatorBase):
             trainer = TrainerAnnouncement.from_wire(value)
             if trainer.peer_id != owner.to_base58():
                 raise RecordError(f"peer {owner} announcing as trainer {trainer.peer_id}")
+            return
+        if record.key == self._claims_key:
+            claim = JoinClaim.from_wire(value)
+            if claim.peer_id != owner.to_base58():
+                raise RecordError(f"peer {owner} claiming as {claim.peer_id}")
+            return
+        if record.key == self._progress_key:
+            RunProgress.from_wire(value)
             return
         if stage is None:
             spec = spec_from_wire(value)

@@ -47,6 +47,9 @@ class StageAnnouncement:
     refit: dict[str, Any] = field(default_factory=dict)  # a rebuilt stage's refit: pairs, steps, losses (or why not)
     step_proof: str = ""  # a trainer's signature that the run reached `step` (protocol/trust.py); "" at step 0
     version: int = PROTOCOL_VERSION
+    # Multiaddrs (/.../p2p/<peer id>) this peer can be dialed at: any of them is an entry point to the swarm for a
+    # newcomer that names the spec owner (`cfnode join --spec-owner`); `cfnode status` lists some.
+    maddrs: list[str] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
@@ -89,6 +92,10 @@ class StageAnnouncement:
             raise RecordError("refit must be a small map of names to numbers or strings")
         if not isinstance(self.step_proof, str) or len(self.step_proof) > MAX_STEP_PROOF:
             raise RecordError(f"step_proof must be a string of at most {MAX_STEP_PROOF} characters")
+        # A few interfaces and transports; bounded so a record cannot carry a list to flood readers with
+        if not isinstance(self.maddrs, list) or len(self.maddrs) > 8 or not all(
+                isinstance(m, str) and 0 < len(m) <= 256 for m in self.maddrs):
+            raise RecordError("maddrs must be a list of at most 8 multiaddrs of at most 256 characters")
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,68 @@ class TrainerAnnouncement:
             value = getattr(record, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
+        if not _finite_non_negative(record.announced_at):
+            raise RecordError(f"announced_at must be a finite non-negative number, got {record.announced_at!r}")
+        return record
+
+
+@dataclass(frozen=True)
+class JoinClaim:
+    """A newcomer's claim under `claims_key(run_id)`, written before it chooses a stage with `--stage auto`.
+
+    Newcomers that start together see each other's claims and order themselves by (claimed_at, peer_id), so each
+    makes the choice the ones before it made (node/stage_choice.assign_stages). `stage` is 0 until the claimant
+    has chosen; it refreshes the claim until its JOINING announcement is stored.
+    """
+
+    peer_id: str
+    claimed_at: float  # DHT time at which it first claimed: its place in the queue
+    stage: int = 0  # the stage it chose, 0 while undecided
+    version: int = PROTOCOL_VERSION
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> JoinClaim:
+        record = cls(**_known_fields(cls, data, "join claim"))
+        if not isinstance(record.peer_id, str) or not record.peer_id:
+            raise RecordError("peer_id must be a non-empty string")
+        for name in ("stage", "version"):
+            value = getattr(record, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
+        if not _finite_non_negative(record.claimed_at):
+            raise RecordError(f"claimed_at must be a finite non-negative number, got {record.claimed_at!r}")
+        return record
+
+
+PROGRESS_TTL = 3600.0  # a run's progress outlives its trainer and a bootstrap restart; both refresh it
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """The furthest step the run is known to have reached, under `progress_key(run_id)`: kept by the bootstrap
+    (and across its restarts), so a newcomer that sees no live stage still knows the run trained and does not
+    start an island of fresh weights. The step counts only with a trainer's proof (protocol/trust.py)."""
+
+    step: int
+    step_proof: str
+    announced_at: float = 0.0
+    version: int = PROTOCOL_VERSION
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> RunProgress:
+        record = cls(**_known_fields(cls, data, "run progress"))
+        for name in ("step", "version"):
+            value = getattr(record, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(record.step_proof, str) or len(record.step_proof) > MAX_STEP_PROOF:
+            raise RecordError(f"step_proof must be a string of at most {MAX_STEP_PROOF} characters")
         if not _finite_non_negative(record.announced_at):
             raise RecordError(f"announced_at must be a finite non-negative number, got {record.announced_at!r}")
         return record

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from cfnode.bench.load import busy_from_env, busy_loops
 from cfnode.launcher import Child, stop_all
 from tests.integration.harness import TINY_SPEC, read_events, wait_until
 
@@ -153,6 +154,13 @@ def lab(tmp_path):
             assert lab.bridge not in ip("link", "show").stdout
 
 
+@pytest.fixture
+def load():
+    """Busy processes beside the swarm, when CFNODE_TEST_BUSY asks for them (make test-load): a loaded machine."""
+    with busy_loops(busy_from_env()) as loops:
+        yield loops
+
+
 def steps_of(events):
     return [e for e in events if e["event"] == "step"]
 
@@ -169,7 +177,7 @@ def wait_for_log(lab: Lab, child: Child, pattern: str, timeout: float) -> re.Mat
         raise AssertionError(f"{e}\n{lab.logs()}") from None
 
 
-def test_stage_lost_to_a_dead_link_is_rebuilt_across_hosts(lab, tmp_path):
+def test_stage_lost_to_a_dead_link_is_rebuilt_across_hosts(lab, load, tmp_path):
     # The default announcement TTL (10 s): a DHT store that waits out an unreachable node takes ~3 s, so the
     # tiny spec's 4 s TTL would let live peers' announcements lapse once stage 2 is cut off.
     spec = TINY_SPEC.replace(num_stages=3, recovery="checkfree", announce_ttl=10.0)

@@ -51,3 +51,35 @@ def test_ledger_checks_add_up_over_trainer_runs_and_are_zero_without_a_finish():
     runs = [{"event": "train_finished", "step": 5, "ledger_checks": 10, "step_mismatches": 0},
             {"event": "train_finished", "step": 9, "ledger_checks": 8, "step_mismatches": 0}]
     assert _result(runs).summary()["ledger_checks"] == 18
+
+
+def test_transient_losses_islands_and_stalls():
+    events = [
+        {"event": "step", "step": 1, "time": 100.0, "loss": 3.0},
+        {"event": "peer_failed", "stage": 1, "peer": "old", "time": 101.0},
+        {"event": "stage_lost", "stage": 1, "time": 101.0},
+        {"event": "stage_recovered", "stage": 1, "peer": "old", "source": "fresh", "downtime": 1.0},  # it was live
+        {"event": "step", "step": 2, "time": 103.5, "loss": 3.0},
+        {"event": "stage_lost", "stage": 2, "time": 104.0},
+        {"event": "stage_recovered", "stage": 2, "peer": "newcomer", "source": "checkfree", "downtime": 9.0},
+        {"event": "step", "step": 3, "time": 113.0, "loss": 3.0},
+    ]
+    result = ChaosResult(0, [e for e in events if e["event"] == "step"], events, [], 12.0, [],
+                         [{"peer": "p-1", "stage": 2, "source": "checkfree", "step": 2},
+                          {"peer": "p-2", "stage": 3, "source": "fresh", "step": 0},
+                          {"peer": "p-3", "stage": 3, "source": "replica", "step": 0}])
+    assert result.transient_losses() == [events[2]]
+    assert [n["peer"] for n in result.islands] == ["p-2", "p-3"]
+    assert [n["peer"] for n in result.fresh_restarts] == ["p-2"]
+    assert result.longest_stall == 9.5
+    summary = result.summary()
+    assert (summary["transient_stage_lost"], summary["islands"], summary["fresh_restarts"]) == (1, 2, 1)
+
+
+def test_newcomers_serving_line_is_parsed():
+    from cfnode.bench.chaos import SERVING
+
+    line = "serving stage 2 (source: checkfree+, from 1:QmA, 3:QmB) at step 25"
+    match = SERVING.search(line)
+    assert (match["stage"], match["source"], match["step"]) == ("2", "checkfree+", "25")
+    assert SERVING.search("serving stage 1 (source: fresh) at step 0")["source"] == "fresh"

@@ -316,3 +316,63 @@ def test_model_shape_defaults_and_checkpoint_fields():
     # The published spec travels as a dict of plain values (msgpack gives lists back): it round-trips.
     wire = {k: list(v) if isinstance(v, tuple) else v for k, v in shaped.to_dict().items()}
     assert RunSpec.from_dict(wire) == shaped
+
+
+OWNER = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+OTHER_OWNER = "12D3KooWPFXSmdQTekW4QK93dXqXvk4biP9MxZKwPYcuGtNG578L"
+STAGE_PEER = "/ip4/127.0.0.1/tcp/4000/p2p/QmSq7pNsCDTmXRXr1ZuqxNd1Y4ko1UqpNpm8PLjRTwdLuv"
+
+
+def test_spec_owner_ids_take_precedence_over_the_initial_peers():
+    network = NetworkConfig(initial_peers=(STAGE_PEER,), spec_owner_ids=(OWNER, OTHER_OWNER))
+    assert network.spec_owners == (OWNER, OTHER_OWNER)
+    assert network.initial_peer_ids == ("QmSq7pNsCDTmXRXr1ZuqxNd1Y4ko1UqpNpm8PLjRTwdLuv",)
+    # without them, the initial peers are trusted, as before
+    assert NetworkConfig(initial_peers=(STAGE_PEER,)).spec_owners == network.initial_peer_ids
+
+
+@pytest.mark.parametrize("bad", ["", "QmA", "not-base58-0OIl", "Qm" + "x" * 44, OWNER + " ", OWNER[:-1],
+                                 STAGE_PEER])
+def test_spec_owner_must_be_a_peer_id(bad):
+    with pytest.raises(ConfigError, match="spec owner .* is not a libp2p peer id"):
+        NetworkConfig(spec_owner_ids=(bad,))
+
+
+def _status_network(args, monkeypatch=None, **env):
+    from cfnode.cli import _network, status
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    context = status.make_context("status", ["--initial-peers", STAGE_PEER, *args])
+    return _network(dict(context.params), client_mode=True)
+
+
+def test_cli_spec_owner_is_repeatable_and_space_separated():
+    network = _status_network(["--spec-owner", f"{OWNER} {OTHER_OWNER}", "--spec-owner", OWNER])
+    assert network.spec_owner_ids == (OWNER, OTHER_OWNER)  # duplicates dropped, order kept
+    assert _status_network([]).spec_owner_ids == ()
+
+
+def test_cli_spec_owner_from_the_environment(monkeypatch):
+    network = _status_network([], monkeypatch, CFNODE_SPEC_OWNER=f"{OTHER_OWNER} {OWNER}")
+    assert network.spec_owners == (OTHER_OWNER, OWNER)
+
+
+def test_cli_bad_spec_owner_is_a_usage_error():
+    import click
+
+    with pytest.raises(click.UsageError, match="spec owner 'QmA' is not a libp2p peer id"):
+        _status_network(["--spec-owner", "QmA"])
+
+
+def test_a_spec_not_found_without_spec_owner_says_to_name_one():
+    from cfnode.cli import _finding_spec
+    from cfnode.node.swarm_map import SpecNotFound
+
+    def missing():
+        raise SpecNotFound("no run spec for run 'cfnode'")
+
+    with pytest.raises(SpecNotFound, match="no run spec for run 'cfnode' .*--spec-owner PEER_ID"):
+        _finding_spec(NetworkConfig(initial_peers=(STAGE_PEER,)), missing)()
+    with pytest.raises(SpecNotFound, match="^no run spec for run 'cfnode'$"):  # it named one: nothing to add
+        _finding_spec(NetworkConfig(initial_peers=(STAGE_PEER,), spec_owner_ids=(OWNER,)), missing)()

@@ -14,9 +14,9 @@ from hivemind.utils import MSGPackSerializer
 
 from cfnode.config import RunSpec
 from cfnode.protocol.identity import IdentityError, create_identity, load_identity, owner_peer_id
-from cfnode.protocol.keys import spec_key, stage_key
+from cfnode.protocol.keys import claims_key, progress_key, spec_key, stage_key
 from cfnode.protocol.record_validator import run_validators
-from cfnode.protocol.records import PeerState, StageAnnouncement
+from cfnode.protocol.records import JoinClaim, PeerState, RunProgress, StageAnnouncement
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,22 @@ def test_other_keys_pass_untouched(identities):
     mine = CompositeValidator(run_validators("run", a))
     assert mine.validate(record("another-run.stage.1", "anything", {"x": 1}, mine))
     assert mine.validate(record(stage_key("other", 1), "anything", {"x": 1}, mine))
+
+
+def test_join_claims_only_by_their_claimant(identities):
+    a, b = identities
+    validator = CompositeValidator(run_validators("run", a))
+    claim = JoinClaim(peer_id=a.peer_id.to_base58(), claimed_at=10.0).to_wire()
+    assert validator.validate(record(claims_key("run"), a.owner_subkey, claim, validator))
+    forged = JoinClaim(peer_id=b.peer_id.to_base58(), claimed_at=10.0).to_wire()
+    assert not validator.validate(record(claims_key("run"), a.owner_subkey, forged, validator))
+    assert not validator.validate(record(claims_key("run"), a.owner_subkey, {"peer_id": 3}, validator))
+
+
+def test_progress_records_must_parse(identities):
+    a, _ = identities
+    validator = CompositeValidator(run_validators("run", a))
+    good = RunProgress(step=4, step_proof="sig").to_wire()
+    assert validator.validate(record(progress_key("run"), a.owner_subkey, good, validator))
+    assert not validator.validate(record(progress_key("run"), a.owner_subkey, {"step": -1, "step_proof": ""},
+                                         validator))

@@ -165,3 +165,27 @@ def test_keys_are_namespaced_by_run_id():
     assert stage_key("myrun", 3).endswith("3")
     # no run id's keys are a prefix-collision of another's: the separator follows the run id
     assert not stage_key("run1", 1).startswith("run" + ".")
+
+
+def test_maddrs_round_trip_and_default_empty():
+    maddrs = ["/ip4/10.0.0.2/tcp/4000/p2p/QmPeer", "/ip4/127.0.0.1/tcp/4000/p2p/QmPeer"]
+    record = make_announcement(maddrs=maddrs)
+    assert StageAnnouncement.from_wire(record.to_wire()) == record
+    packed = msgpack.unpackb(msgpack.packb(record.to_wire(), use_bin_type=True), raw=False)
+    assert StageAnnouncement.from_wire(packed).maddrs == maddrs
+    data = wire()
+    del data["maddrs"]  # an older peer's announcement has none
+    assert StageAnnouncement.from_wire(data).maddrs == []
+    assert list(record.to_wire())[-1] == "maddrs"  # the last field: positional constructions are unchanged
+
+
+@pytest.mark.parametrize("maddrs", ["/ip4/1.2.3.4/tcp/1/p2p/QmPeer", None, [1], [""], ["/ip4/" + "1" * 260],
+                                    ["/ip4/1.2.3.4/tcp/1"] * 9, [b"/ip4/1.2.3.4/tcp/1"]])
+def test_bad_maddrs_refused(maddrs):
+    with pytest.raises(RecordError, match="maddrs"):
+        StageAnnouncement.from_wire(wire(maddrs=maddrs))
+
+
+def test_eight_maddrs_of_256_characters_accepted():
+    maddrs = ["/" + "a" * 255] * 8
+    assert StageAnnouncement.from_wire(wire(maddrs=maddrs)).maddrs == maddrs

@@ -1,7 +1,7 @@
 import pytest
 
-from cfnode.node.stage_choice import choose_stage, stage_capacity
-from cfnode.protocol.records import PeerState, StageAnnouncement
+from cfnode.node.stage_choice import StageChoice, assign_stages, choose_stage, stage_capacity, typical_throughput
+from cfnode.protocol.records import JoinClaim, PeerState, StageAnnouncement
 
 _counter = iter(range(10**6))
 
@@ -71,3 +71,59 @@ def test_stages_outside_range_ignored():
 def test_single_stage_each(num_stages):
     stage_map = {s: [peer(s, 10.0 * s)] for s in range(1, num_stages + 1)}
     assert choose_stage(stage_map, num_stages) == 1
+
+
+def claim(name: str, at: float, stage: int = 0) -> JoinClaim:
+    return JoinClaim(peer_id=name, claimed_at=at, stage=stage)
+
+
+def test_six_newcomers_on_an_empty_three_stage_run_take_two_stages_each():
+    claims = [claim(f"n{i}", 100.0 + i * 0.01) for i in range(6)]
+    choices = assign_stages({}, claims, 3)
+    assert [choices[f"n{i}"].stage for i in range(6)] == [1, 2, 3, 1, 2, 3]
+    # The second on each stage knows the first, to copy it rather than start its own.
+    assert [choices[f"n{i}"].ahead for i in range(3, 6)] == [("n0",), ("n1",), ("n2",)]
+    assert all(choices[f"n{i}"].ahead == () for i in range(3))
+
+
+def test_a_choice_depends_only_on_the_claims_before_it():
+    claims = [claim(f"n{i}", 100.0 + i) for i in range(6)]
+    everyone = assign_stages({}, claims, 3)
+    for seen in range(1, 7):  # a newcomer that sees only the claims up to its own agrees with one that sees all
+        partial = assign_stages({}, claims[:seen], 3)
+        assert all(partial[c.peer_id] == everyone[c.peer_id] for c in claims[:seen])
+    # Claims read in another order give the same queue: (claimed_at, peer id).
+    assert assign_stages({}, list(reversed(claims)), 3) == everyone
+    tied = assign_stages({}, [claim("b", 5.0), claim("a", 5.0)], 3)
+    assert (tied["a"].stage, tied["b"].stage) == (1, 2)
+
+
+def test_a_lost_stage_is_taken_first_and_no_herd_follows():
+    stage_map = {1: [peer(1, 100)], 2: [], 3: [peer(3, 120)]}
+    choices = assign_stages(stage_map, [claim("x", 1.0), claim("y", 2.0), claim("z", 3.0)], 3)
+    assert choices["x"].stage == 2
+    # A newcomer counts as a typical peer (the median online throughput, 110), so the next ones spread over the
+    # weakest stages instead of all piling onto stage 1.
+    assert [choices["y"].stage, choices["z"].stage] == [1, 2]
+    assert choices["z"].ahead == ("x",)
+
+
+def test_decided_and_announced_claimants():
+    joining = peer(2, 0.0, state=PeerState.JOINING)
+    stage_map = {1: [peer(1)], 2: [joining], 3: [peer(3)]}
+    # An announced claimant is not pending; a claimant that asked for a stage holds it.
+    choices = assign_stages(stage_map, [claim(joining.peer_id, 1.0), claim("asked", 2.0, stage=2),
+                                        claim("free", 3.0)], 3)
+    assert joining.peer_id not in choices
+    assert choices["asked"] == StageChoice(2, (joining.peer_id,))
+    assert choices["free"].stage in (1, 3)
+    # A claim for a stage the run does not have is chosen for instead.
+    assert 1 <= assign_stages({}, [claim("odd", 1.0, stage=9)], 3)["odd"].stage <= 3
+
+
+def test_typical_throughput_is_the_online_median():
+    stage_map = {1: [peer(1, 10), peer(1, 30)], 2: [peer(2, 20), peer(2, 999, state=PeerState.LEAVING)],
+                 3: [peer(3, 0.0, state=PeerState.JOINING)]}
+    assert typical_throughput(stage_map) == 20
+    assert stage_capacity(stage_map[3], typical=20) == 20
+    assert typical_throughput({}) == 0.0

@@ -1,0 +1,63 @@
+"""No islands: a node never takes a view without stages as a new run. The bootstrap keeps the run's progress (the
+furthest step a trainer proved) across its restarts, and a newcomer whose view of a trained run shows no live
+stage waits for one instead of starting from fresh weights."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from tests.integration.harness import read_events, wait_until
+
+WAITING = "waiting for one rather than starting from fresh weights"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_restarted_bootstrap_remembers_that_the_run_trained(swarm):
+    port, identity = str(free_port()), str(swarm.workdir / "bootstrap.key")
+    bootstrap_args = ("--identity", identity, "--port", port)
+    bootstrap = swarm.start_bootstrap(*bootstrap_args)
+    peers = [swarm.start_peer(s) for s in (1, 2, 3)]
+    swarm.wait_online({1: 1, 2: 1, 3: 1})
+    trainer, _ = swarm.start_trainer(6)
+    assert trainer.process.wait(300) == 0, swarm.log(trainer)
+    saved = swarm.workdir / "bootstrap.key.progress.json"
+    wait_until(lambda: saved.exists() and json.loads(saved.read_text())["step"] == 6, 60,
+               "the bootstrap to save the run's progress")
+    # Everything goes: no node that held the run's records is left. Then the bootstrap comes back alone.
+    for child in [*peers, *(c for c in swarm.children if "bootstrap" in c.name)]:
+        swarm.kill(child)
+    (swarm.workdir / "bootstrap.maddr").unlink()
+    assert swarm.start_bootstrap(*bootstrap_args) == bootstrap
+    restarted = swarm.children[-1]
+    wait_until(lambda: "the run reached step 6 before this bootstrap restarted" in swarm.log(restarted), 30,
+               "the restarted bootstrap to load the run's progress")
+    # A newcomer sees no stage at all, yet it must not start a fresh run: it waits, and says why.
+    newcomer = swarm.start_peer("auto")
+    wait_until(lambda: WAITING in swarm.log(newcomer), 90, "the newcomer to wait for a live stage")
+    assert newcomer.process.poll() is None
+    assert "serving stage" not in swarm.log(newcomer)
+    assert "the run reached step 6" in swarm.log(newcomer)
+
+
+def test_a_newcomer_with_an_empty_view_of_a_trained_run_waits_and_rebuilds_the_lost_stage(swarm):
+    swarm.start_bootstrap()
+    peers = {s: swarm.start_peer(s) for s in (1, 2, 3)}
+    swarm.wait_online({1: 1, 2: 1, 3: 1})
+    trainer, jsonl = swarm.start_trainer(12)
+    wait_until(lambda: sum(e["event"] == "step" for e in read_events(jsonl)) >= 4, 180, "4 training steps")
+    swarm.kill(peers[2])
+    # Its first three looks at the swarm come back empty, as through a bootstrap that has just restarted.
+    newcomer = swarm.start_peer("auto", env={"CFNODE_FAULTS": "empty_view,empty_view,empty_view"})
+    assert trainer.process.wait(300) == 0, swarm.log(trainer)
+    log = swarm.log(newcomer)
+    assert WAITING in log
+    assert "joining stage 2 of 3" in log and "rebuilt by checkfree" in log, log
+    assert "source: fresh" not in log
+    stage2 = {s["stage"]: s for s in swarm.status()["stages"]}[2]["peers"]
+    assert [(p["source"], p["step"]) for p in stage2 if p["state"] == "ONLINE"] == [("checkfree", 12)]
