@@ -68,16 +68,7 @@ class StageAnnouncement:
         return record
 
     def _check(self) -> None:
-        if not isinstance(self.peer_id, str) or not self.peer_id:
-            raise RecordError("peer_id must be a non-empty string")
-        for name in ("stage", "step", "load", "version"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
-        if not _finite_non_negative(self.announced_at):
-            raise RecordError(f"announced_at must be a finite non-negative number, got {self.announced_at!r}")
-        if not _finite_non_negative(self.throughput):
-            raise RecordError(f"throughput must be a finite non-negative number, got {self.throughput!r}")
+        _check_shared(self, counts=("stage", "step", "load", "version"), amounts=("announced_at", "throughput"))
         if self.grad_norm is not None and not _finite_non_negative(self.grad_norm):
             raise RecordError(f"grad_norm must be a finite non-negative number or None, got {self.grad_norm!r}")
         if self.source not in WEIGHT_SOURCES:
@@ -114,14 +105,7 @@ class TrainerAnnouncement:
     @classmethod
     def from_wire(cls, data: Any) -> TrainerAnnouncement:
         record = cls(**_known_fields(cls, data, "trainer announcement"))
-        if not isinstance(record.peer_id, str) or not record.peer_id:
-            raise RecordError("peer_id must be a non-empty string")
-        for name in ("step", "cached", "version"):
-            value = getattr(record, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
-        if not _finite_non_negative(record.announced_at):
-            raise RecordError(f"announced_at must be a finite non-negative number, got {record.announced_at!r}")
+        _check_shared(record, counts=("step", "cached", "version"), amounts=("announced_at",))
         return record
 
 
@@ -145,14 +129,7 @@ class JoinClaim:
     @classmethod
     def from_wire(cls, data: Any) -> JoinClaim:
         record = cls(**_known_fields(cls, data, "join claim"))
-        if not isinstance(record.peer_id, str) or not record.peer_id:
-            raise RecordError("peer_id must be a non-empty string")
-        for name in ("stage", "version"):
-            value = getattr(record, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
-        if not _finite_non_negative(record.claimed_at):
-            raise RecordError(f"claimed_at must be a finite non-negative number, got {record.claimed_at!r}")
+        _check_shared(record, counts=("stage", "version"), amounts=("claimed_at",))
         return record
 
 
@@ -176,14 +153,9 @@ class RunProgress:
     @classmethod
     def from_wire(cls, data: Any) -> RunProgress:
         record = cls(**_known_fields(cls, data, "run progress"))
-        for name in ("step", "version"):
-            value = getattr(record, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
+        _check_shared(record, counts=("step", "version"), amounts=("announced_at",), peer=False)
         if not isinstance(record.step_proof, str) or len(record.step_proof) > MAX_STEP_PROOF:
             raise RecordError(f"step_proof must be a string of at most {MAX_STEP_PROOF} characters")
-        if not _finite_non_negative(record.announced_at):
-            raise RecordError(f"announced_at must be a finite non-negative number, got {record.announced_at!r}")
         return record
 
 
@@ -198,6 +170,21 @@ def _known_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
     if missing:
         raise RecordError(f"{what} lacks {', '.join(sorted(missing))}")
     return values
+
+
+def _check_shared(record: Any, counts: tuple[str, ...], amounts: tuple[str, ...], peer: bool = True) -> None:
+    """The checks records share: a non-empty peer id, counts that are non-negative integers, and amounts (times,
+    rates) that are finite and non-negative."""
+    if peer and (not isinstance(record.peer_id, str) or not record.peer_id):
+        raise RecordError("peer_id must be a non-empty string")
+    for name in counts:
+        value = getattr(record, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise RecordError(f"{name} must be a non-negative integer, got {value!r}")
+    for name in amounts:
+        value = getattr(record, name)
+        if not _finite_non_negative(value):
+            raise RecordError(f"{name} must be a finite non-negative number, got {value!r}")
 
 
 def _finite_non_negative(value: Any) -> bool:

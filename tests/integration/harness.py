@@ -101,17 +101,23 @@ class Swarm:
         self.children.append(child)
         return child, jsonl
 
-    def train_and_lose_stage(self, stage: int, steps: int, lose_after: int) -> tuple[Child, Child, Path]:
-        """One peer per stage and a trainer for `steps` steps; after `lose_after` steps SIGKILL `stage`'s peer and
-        start a newcomer with --stage auto; wait for the trainer to finish. Returns (trainer, newcomer, events)."""
+    def train_then_kill(self, stage: int, steps: int, kill_after: int) -> tuple[Child, Path]:
+        """One peer per stage and a trainer for `steps` steps; after `kill_after` steps SIGKILL `stage`'s peer.
+        Returns (trainer, events) with the trainer still running."""
         self.start_bootstrap()
         stages = range(1, self.spec.num_stages + 1)
         peers = {s: self.start_peer(s) for s in stages}
         self.wait_online({s: 1 for s in stages})
         trainer, jsonl = self.start_trainer(steps)
-        wait_until(lambda: sum(e["event"] == "step" for e in read_events(jsonl)) >= lose_after, 180,
-                   f"{lose_after} training steps")
+        wait_until(lambda: sum(e["event"] == "step" for e in read_events(jsonl)) >= kill_after, 180,
+                   f"{kill_after} training steps")
         self.kill(peers[stage])
+        return trainer, jsonl
+
+    def train_and_lose_stage(self, stage: int, steps: int, lose_after: int) -> tuple[Child, Child, Path]:
+        """`train_then_kill`, then a newcomer with --stage auto; wait for the trainer to finish. Returns (trainer,
+        newcomer, events)."""
+        trainer, jsonl = self.train_then_kill(stage, steps, lose_after)
         newcomer = self.start_peer("auto")
         assert trainer.process.wait(300) == 0, self.log(trainer)
         return trainer, newcomer, jsonl

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import socket
 
-from tests.integration.harness import read_events, wait_until
+from tests.integration.harness import wait_until
 
 WAITING = "waiting for one rather than starting from fresh weights"
 
@@ -46,12 +46,7 @@ def test_a_restarted_bootstrap_remembers_that_the_run_trained(swarm):
 
 
 def test_a_newcomer_with_an_empty_view_of_a_trained_run_waits_and_rebuilds_the_lost_stage(swarm):
-    swarm.start_bootstrap()
-    peers = {s: swarm.start_peer(s) for s in (1, 2, 3)}
-    swarm.wait_online({1: 1, 2: 1, 3: 1})
-    trainer, jsonl = swarm.start_trainer(12)
-    wait_until(lambda: sum(e["event"] == "step" for e in read_events(jsonl)) >= 4, 180, "4 training steps")
-    swarm.kill(peers[2])
+    trainer, _ = swarm.train_then_kill(2, steps=12, kill_after=4)
     # Its first three looks at the swarm come back empty, as through a bootstrap that has just restarted.
     newcomer = swarm.start_peer("auto", env={"CFNODE_FAULTS": "empty_view,empty_view,empty_view"})
     assert trainer.process.wait(300) == 0, swarm.log(trainer)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tests.integration.harness import read_events, wait_until
-
 
 def test_six_simultaneous_newcomers_take_two_stages_each(swarm):
     swarm.start_bootstrap()
@@ -27,12 +25,7 @@ def test_six_simultaneous_newcomers_take_two_stages_each(swarm):
 
 
 def test_newcomers_racing_for_a_lost_stage_rebuild_it_once(swarm):
-    swarm.start_bootstrap()
-    peers = {s: swarm.start_peer(s) for s in (1, 2, 3)}
-    swarm.wait_online({1: 1, 2: 1, 3: 1})
-    trainer, jsonl = swarm.start_trainer(14)
-    wait_until(lambda: sum(e["event"] == "step" for e in read_events(jsonl)) >= 4, 180, "4 training steps")
-    swarm.kill(peers[2])
+    trainer, _ = swarm.train_then_kill(2, steps=14, kill_after=4)
     racers = [swarm.start_peer(2), swarm.start_peer(2)]
     assert trainer.process.wait(300) == 0, swarm.log(trainer)
     stage2 = {s["stage"]: s for s in swarm.status()["stages"]}[2]["peers"]
