@@ -173,7 +173,11 @@ def main() -> None:
                    "their own copies (their --init-from).")
 def bootstrap(config_path: str | None, maddr_file: str | None, trainers: tuple[str, ...], init_from: str | None,
               **kw: Any) -> None:
-    """Start the DHT entry point and publish the run spec."""
+    """Start the DHT entry point and publish the run spec.
+
+    With --identity FILE (and a fixed --port) it comes back after a restart as the same peer at the same address,
+    and keeps the furthest step it saw the run reach in FILE.progress.json, so newcomers that join through it
+    just after a restart still know the run trained (and never start it over from fresh weights)."""
     from cfnode.bootstrap.server import run_bootstrap
     from cfnode.node.runtime import run_role
     from cfnode.protocol.trust import read_trainer_key

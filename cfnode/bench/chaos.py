@@ -338,6 +338,8 @@ class ChaosSwarm:
         victim = self.rng.choice(candidates)
         kill_group(victim)
         victim.process.wait(10)
+        if victim in self._joining:  # killed while joining: a kill like any other, not a failure to connect
+            self._joining.remove(victim)
         self._act("kill_peer", peer=victim.name)
         self._pending_joins.append(time.monotonic() + self.rng.uniform(*self.config.join_delay))
 

@@ -98,7 +98,7 @@ class Trainer(Stepping, StageCalls):
 
     async def run(self) -> dict:
         refresher = asyncio.create_task(self.router.refresh_forever())
-        announcer = asyncio.create_task(self._announce_forever()) if self.spec.refit_cache and self.identity else None
+        announcer = asyncio.create_task(self._announce_forever()) if self.identity else None
         try:
             self._check_authorised()
             await self._wait_for_all_stages()
@@ -133,6 +133,10 @@ class Trainer(Stepping, StageCalls):
                             f"{tokens / elapsed:,.0f} tok/s{val_text}")
             if self.spec.head_copy_every and self.step % self.spec.head_copy_every != 0:
                 await self._copy_head_to_edges()  # the edges hold the final head too: `cfnode export` takes it
+            try:  # the last step too: the progress a restarted bootstrap keeps is then the run's final step
+                await self._publish_progress()
+            except Exception as e:
+                logger.warning(f"publishing the run's final progress failed: {e}")
             summary = dict(final_step=self.step, loss=last_loss, val_loss=val_loss, ledger_checks=self.ledger_checks,
                            step_mismatches=self.events.counts.get("step_mismatch", 0), events=dict(self.events.counts))
             self.events.emit("train_finished", **{k: v for k, v in summary.items() if k != "events"})
@@ -320,23 +324,28 @@ class Trainer(Stepping, StageCalls):
         return self.spec.num_stages * self.spec.refit_cache * 2 * per_microbatch
 
     async def _announce_forever(self) -> None:
-        """Tell newcomers where the cached activations are: a signed record under the run's trainer key."""
+        """Tell newcomers where the cached activations are (a signed record under the run's trainer key, when the
+        spec caches some) and how far the run has come (its progress, with this trainer's proof)."""
         while True:
-            record = TrainerAnnouncement(self.p2p_peer_id, self.step, self.spec.refit_cache,
-                                         round(get_dht_time(), 3))
             try:
-                await self.dht.store(trainer_key(self.spec.run_id), record.to_wire(),
-                                     get_dht_time() + self.spec.announce_ttl, subkey=self.identity.owner_subkey,
-                                     return_future=True)
-                if self.step > 0:  # the run trained: newcomers must never take a view without stages as a new run
-                    progress = RunProgress(self.step, sign_step(self.identity, self.spec.run_id, self.step),
-                                           round(get_dht_time(), 3))
-                    await self.dht.store(progress_key(self.spec.run_id), progress.to_wire(),
-                                         get_dht_time() + PROGRESS_TTL, subkey=self.identity.owner_subkey,
+                if self.spec.refit_cache:
+                    record = TrainerAnnouncement(self.p2p_peer_id, self.step, self.spec.refit_cache,
+                                                 round(get_dht_time(), 3))
+                    await self.dht.store(trainer_key(self.spec.run_id), record.to_wire(),
+                                         get_dht_time() + self.spec.announce_ttl, subkey=self.identity.owner_subkey,
                                          return_future=True)
+                await self._publish_progress()
             except Exception as e:  # the DHT may hiccup; the next round retries
                 logger.warning(f"announcing the trainer failed: {e}")
             await asyncio.sleep(self.spec.announce_ttl / 4)
+
+    async def _publish_progress(self) -> None:
+        """The run's progress: once it trained, newcomers must never take a view without stages as a new run."""
+        if self.step > 0 and self.identity is not None:
+            progress = RunProgress(self.step, sign_step(self.identity, self.spec.run_id, self.step),
+                                   round(get_dht_time(), 3))
+            await self.dht.store(progress_key(self.spec.run_id), progress.to_wire(), get_dht_time() + PROGRESS_TTL,
+                                 subkey=self.identity.owner_subkey, return_future=True)
 
     async def export_activations(self, request: StageRequest) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
         if not 1 <= request.stage <= self.spec.num_stages:

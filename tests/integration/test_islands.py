@@ -1,6 +1,7 @@
 """No islands: a node never takes a view without stages as a new run. The bootstrap keeps the run's progress (the
 furthest step a trainer proved) across its restarts, and a newcomer whose view of a trained run shows no live
-stage waits for one instead of starting from fresh weights."""
+stage waits for one instead of starting from fresh weights (a newcomer with an empty view of a run that lost a
+stage: tests/integration/test_stage_choice.py)."""
 
 from __future__ import annotations
 
@@ -43,16 +44,3 @@ def test_a_restarted_bootstrap_remembers_that_the_run_trained(swarm):
     assert newcomer.process.poll() is None
     assert "serving stage" not in swarm.log(newcomer)
     assert "the run reached step 6" in swarm.log(newcomer)
-
-
-def test_a_newcomer_with_an_empty_view_of_a_trained_run_waits_and_rebuilds_the_lost_stage(swarm):
-    trainer, _ = swarm.train_then_kill(2, steps=12, kill_after=4)
-    # Its first three looks at the swarm come back empty, as through a bootstrap that has just restarted.
-    newcomer = swarm.start_peer("auto", env={"CFNODE_FAULTS": "empty_view,empty_view,empty_view"})
-    assert trainer.process.wait(300) == 0, swarm.log(trainer)
-    log = swarm.log(newcomer)
-    assert WAITING in log
-    assert "joining stage 2 of 3" in log and "rebuilt by checkfree" in log, log
-    assert "source: fresh" not in log
-    stage2 = {s["stage"]: s for s in swarm.status()["stages"]}[2]["peers"]
-    assert [(p["source"], p["step"]) for p in stage2 if p["state"] == "ONLINE"] == [("checkfree", 12)]
