@@ -14,6 +14,8 @@ The points:
   computing it, so the trainer's call times out although the gradient was accumulated.
 - `empty_view`: a joining node's read of the live stage map comes back empty, as it does through a bootstrap that
   has just restarted with an empty routing table (list it N times for N reads).
+- `hide_progress`: a node's read of the run's progress finds none, as if no trainer or bootstrap had published it
+  (with `empty_view`, a newcomer then serves fresh weights outside the trained swarm: an island).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from hivemind.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-POINTS = ("cut_backward", "slow_backward", "empty_view")
+POINTS = ("cut_backward", "slow_backward", "empty_view", "hide_progress")
 
 
 class FaultPlan:

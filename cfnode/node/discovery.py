@@ -46,12 +46,15 @@ async def pick_stage(config: JoinConfig, dht: hivemind.DHT, spec: RunSpec, clien
     # A claim stored before this one but slower to store than this one is still seen: the wait scales with how
     # long the DHT takes to store right now (a loaded machine is slower at everything).
     await asyncio.sleep(max(CLAIM_SETTLE, 2 * stored_in))
-    stage_map = await live_stage_map(dht, spec, client)
+    gone: set[str] = set()  # peers with a record that did not answer: dead or cut off, not newcomers still choosing
+    stage_map = await live_stage_map(dht, spec, client, unanswered=gone)
     if not any(online(peers) for peers in stage_map.values()):
         progress = await read_progress(dht, spec)
         if progress is not None:  # a view without stages of a run that trained is partial: never choose from it
             stage_map = await wait_for_live_stage(dht, spec, client, progress.step)
-    claims = [c for c in await read_claims(dht, spec) if c.peer_id != holder.claim.peer_id]
+    # A claim outlives its claimant's announcement by up to its TTL: one whose peer announced and died since is no
+    # newcomer, and counting it would hold the very stage that peer's death left without a live peer.
+    claims = [c for c in await read_claims(dht, spec) if c.peer_id != holder.claim.peer_id and c.peer_id not in gone]
     choices = assign_stages(stage_map, [*claims, holder.claim], spec.num_stages)
     choice = choices[holder.claim.peer_id]
     await holder.decide(choice.stage)

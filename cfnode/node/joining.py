@@ -83,9 +83,11 @@ class Joining:
         """Wait until a replica of this stage serves (to copy it) or every newcomer ahead of this one has gone."""
         started = logged = time.monotonic()
         deadline = started + self.spec.refit_seconds + FIRST_WAIT_SLACK
+        gone: set[str] = set()  # announced and then stopped answering: its claim may linger, but it is not ahead
         while not self._replicas(stage_map):
             joining = {p.peer_id for p in stage_map.get(self.stage, []) if p.state == PeerState.JOINING}
-            claiming = {c.peer_id for c in await read_claims(self.dht, self.spec) if c.stage in (0, self.stage)}
+            claiming = {c.peer_id for c in await read_claims(self.dht, self.spec)
+                        if c.stage in (0, self.stage) and c.peer_id not in gone}
             waiting_on = [p for p in ahead if p in joining | claiming]
             now = time.monotonic()
             if not waiting_on:
@@ -101,7 +103,7 @@ class Joining:
                 logger.info(f"stage {self.stage}: waiting for {waiting_on[0]}, which took this stage first, to "
                             f"serve, so as to copy it ({now - started:.0f} s so far)")
             await asyncio.sleep(1.0)
-            stage_map = await live_stage_map(self.dht, self.spec, self.client)
+            stage_map = await live_stage_map(self.dht, self.spec, self.client, unanswered=gone)
         return stage_map
 
     async def _copy_exact(self, peers: list[StageAnnouncement], source: str,
@@ -250,6 +252,16 @@ class Joining:
             self.step_proof = state.step_proof
             self._reset_step_buffers()
 
+
+    async def check_in_the_run(self) -> None:
+        """A peer that serves fresh weights at step 0 while the run's progress says the run trained joined on a
+        partial view: it serves a swarm of its own (an island), which the trainer may never call. It rejoins."""
+        if (self.state != PeerState.ONLINE or self._step_anchored or self.source != "fresh"
+                or self.current_step != 0):
+            return
+        progress = await read_progress(self.dht, self.spec)
+        if progress is not None and progress.step > 0:
+            self._start_resync(progress.step)
 
     def _start_resync(self, target_step: int) -> None:
         if self._resync_task is None or self._resync_task.done():

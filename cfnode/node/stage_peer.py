@@ -157,10 +157,12 @@ class StagePeer(Joining, Serving, Leaving):
             logger.warning(f"stage {self.stage}: announcement was not stored")
 
     async def announce_forever(self) -> None:
-        """Refresh the announcement well within its TTL, so a live peer never drops off the map."""
+        """Refresh the announcement well within its TTL, so a live peer never drops off the map; and while this
+        peer serves untrained weights, check that the run has not trained without it (`check_in_the_run`)."""
         while True:
             try:
                 await self.announce()
+                await self.check_in_the_run()
             except Exception as e:  # the DHT may hiccup; the next round retries
                 logger.warning(f"stage {self.stage}: announcing failed: {e}")
             await asyncio.sleep(self.spec.announce_ttl / 4)

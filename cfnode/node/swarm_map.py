@@ -12,6 +12,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.logging import get_logger
 
 from cfnode.config import NetworkConfig, RunSpec
+from cfnode.faults import FAULTS
 from cfnode.protocol.identity import owner_peer_id
 from cfnode.protocol.keys import progress_key, spec_key, stage_key, trainer_key
 from cfnode.protocol.records import (
@@ -96,6 +97,8 @@ async def read_trainers(dht: hivemind.DHT, spec: RunSpec) -> list[TrainerAnnounc
 async def read_progress(dht: hivemind.DHT, spec: RunSpec) -> RunProgress | None:
     """The furthest step any writer says the run reached with a trainer's proof of it (the trainer and the
     bootstrap write it; an unproven claim is skipped, so who wrote it does not matter)."""
+    if FAULTS.fire("hide_progress", 0, 0):
+        return None
     found = await dht.get(progress_key(spec.run_id), latest=True, return_future=True)
     if found is None or not isinstance(found.value, dict):
         return None

@@ -101,16 +101,22 @@ class Swarm:
         self.children.append(child)
         return child, jsonl
 
-    def train_then_kill(self, stage: int, steps: int, kill_after: int) -> tuple[Child, Path]:
-        """One peer per stage and a trainer for `steps` steps; after `kill_after` steps SIGKILL `stage`'s peer.
-        Returns (trainer, events) with the trainer still running."""
+    def start_training(self, steps: int, wait_steps: int = 0) -> tuple[dict[int, Child], Child, Path]:
+        """A bootstrap, one peer per stage and a trainer for `steps` steps; returns once it has done `wait_steps`.
+        Returns (peers by stage, trainer, events) with the trainer still running."""
         self.start_bootstrap()
         stages = range(1, self.spec.num_stages + 1)
         peers = {s: self.start_peer(s) for s in stages}
         self.wait_online({s: 1 for s in stages})
         trainer, jsonl = self.start_trainer(steps)
-        wait_until(lambda: sum(e["event"] == "step" for e in read_events(jsonl)) >= kill_after, 180,
-                   f"{kill_after} training steps")
+        wait_until(lambda: sum(e["event"] == "step" for e in read_events(jsonl)) >= wait_steps, 180,
+                   f"{wait_steps} training steps")
+        return peers, trainer, jsonl
+
+    def train_then_kill(self, stage: int, steps: int, kill_after: int) -> tuple[Child, Path]:
+        """`start_training`, then after `kill_after` steps SIGKILL `stage`'s peer. Returns (trainer, events) with
+        the trainer still running."""
+        peers, trainer, jsonl = self.start_training(steps, kill_after)
         self.kill(peers[stage])
         return trainer, jsonl
 

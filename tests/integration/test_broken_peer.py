@@ -45,11 +45,7 @@ async def serve_broken_replica(maddr: str, trainer_done) -> str:
 
 
 def test_nan_replies_are_refused_and_the_peer_banned(swarm):
-    swarm.start_bootstrap()
-    for stage in (1, 2, 3):
-        swarm.start_peer(stage)
-    swarm.wait_online({1: 1, 2: 1, 3: 1})
-    trainer, jsonl = swarm.start_trainer(8)
+    _, trainer, jsonl = swarm.start_training(8)
     broken = asyncio.run(serve_broken_replica(swarm.maddr, lambda: trainer.process.poll() is not None))
 
     assert trainer.process.wait(60) == 0, swarm.log(trainer)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import socket
 
-from tests.integration.harness import wait_until
+from tests.integration.harness import read_events, wait_until
 
 WAITING = "waiting for one rather than starting from fresh weights"
 
@@ -44,3 +44,19 @@ def test_a_restarted_bootstrap_remembers_that_the_run_trained(swarm):
     assert newcomer.process.poll() is None
     assert "serving stage" not in swarm.log(newcomer)
     assert "the run reached step 6" in swarm.log(newcomer)
+
+
+def test_a_peer_serving_outside_the_trained_swarm_stops_and_joins_it(swarm):
+    _, trainer, jsonl = swarm.start_training(14, wait_steps=4)
+    # An island, made on purpose: this newcomer's looks at the swarm come back empty and it finds no progress, so
+    # it serves stage 2 from fresh weights at step 0. The trainer's first call to it shows it the run's step.
+    island = swarm.start_peer(2, env={"CFNODE_FAULTS": "empty_view,empty_view,hide_progress,hide_progress"})
+    wait_until(lambda: "serving stage 2 (source: fresh) at step 0" in swarm.log(island), 120, "the island to serve")
+    assert trainer.process.wait(300) == 0, swarm.log(trainer)
+    log = swarm.log(island)
+    assert "this peer was outside it; joining it properly" in log, log
+    after = log.split("joining it properly", 1)[1]
+    assert "copied step" in after and "from replica" in after, log
+    events = read_events(jsonl)
+    assert not [e for e in events if e["event"] == "step_mismatch"]
+    assert [e["step"] for e in events if e["event"] == "step"][-1] == 14
