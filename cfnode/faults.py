@@ -16,6 +16,8 @@ The points:
   has just restarted with an empty routing table (list it N times for N reads).
 - `hide_progress`: a node's read of the run's progress finds none, as if no trainer or bootstrap had published it
   (with `empty_view`, a newcomer then serves fresh weights outside the trained swarm: an island).
+- `slow_rebuild`: a newcomer that rebuilds a lost stage holds on for `CFNODE_FAULT_DELAY` seconds after averaging its
+  neighbours, as a long refit on a loaded machine does, while other newcomers wait to copy it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from hivemind.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-POINTS = ("cut_backward", "slow_backward", "empty_view", "hide_progress")
+POINTS = ("cut_backward", "slow_backward", "empty_view", "hide_progress", "slow_rebuild")
 
 
 class FaultPlan:

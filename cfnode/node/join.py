@@ -29,6 +29,7 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
         trace = ComputeTrace(config.trace_dir, stage, identity.peer_id.to_base58()) if config.trace_dir else None
         peer = StagePeer(spec, stage, identity, dht, client, config.device, config.request_timeout,
                          config.keep_activations, trace, config.init_from, config.state_path, config.state_every)
+        peer.claimed_at = claim.claim.claimed_at
         metrics = PeerMetrics(peer)
         metrics_server = contextlib.ExitStack()  # bound first: a busy port fails before this peer announces
         metrics_server.enter_context(serving(metrics.registry, config.network.host, config.metrics_port))
@@ -41,10 +42,14 @@ async def run_join(config: JoinConfig, ready: asyncio.Event | None = None) -> No
                 logger.info(f"reachable at {' '.join(peer.maddrs[:2])}")
             await peer.announce()  # JOINING: other newcomers now see this stage as taken
             claim.release()
+            # Refreshed while the weights come (a rebuild with its refit can outlast the TTL many times over): a
+            # lapsed JOINING record would show the stage as empty again, and a newcomer waiting to copy this one
+            # would take it for gone and rebuild the stage a second time.
+            announcer = asyncio.create_task(peer.announce_forever())
             await peer.obtain_weights(await live_stage_map(dht, spec, client, unanswered=peer.unanswered),
                                       choice.ahead)
             peer.state = PeerState.ONLINE
-            announcer = asyncio.create_task(peer.announce_forever())
+            await peer.announce()
             recovered = f", from {', '.join(peer.recovered_from)}" if peer.recovered_from else ""
             logger.info(f"serving stage {stage} (source: {peer.source}{recovered}) at step {peer.current_step}")
             if ready is not None:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from hivemind.utils.logging import get_logger
 
+from cfnode.faults import FAULTS
 from cfnode.hf.init_from import initial_state
 from cfnode.model import build_body_stage
 from cfnode.node.claims import read_claims
@@ -165,6 +166,8 @@ class Joining:
             self.step_proof = newest.step_proof if newest else ""
             self.grad_norm = None
             self._reset_step_buffers()
+        if FAULTS.fire("slow_rebuild", 0, 0):
+            await asyncio.sleep(FAULTS.delay)
         averaged = time.perf_counter()
         self.source = plan.kind
         self.recovered_from = [f"{s}:{peer}" for s, (peer, _) in zip(plan.sources, downloads)]

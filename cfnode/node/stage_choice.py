@@ -65,18 +65,23 @@ def assign_stages(stage_map: StageMap, claims: Sequence[JoinClaim], num_stages: 
     (its claim names a stage) holds that stage. Each undecided one takes `choose_stage` of the map with every
     claimant before it added as JOINING. The choice of a claimant depends only on the map and on the claimants
     before it, so newcomers that read the same claims agree, whatever claims came after theirs.
+
+    `ahead` is in the same queue order: a JOINING peer of the map that claimed after this claimant (it chose while
+    this one was slow to choose) waits for this one, so it is not ahead of it.
     """
     announced = {p.peer_id for peers in stage_map.values() for p in peers}
     pending = sorted((c for c in claims if c.peer_id not in announced), key=lambda c: (c.claimed_at, c.peer_id))
     view: StageMap = {s: list(stage_map.get(s, [])) for s in range(1, num_stages + 1)}
-    joining_before: dict[int, list[str]] = {s: [p.peer_id for p in view[s] if p.state == PeerState.JOINING]
-                                            for s in view}
+    queued: dict[int, list[tuple[float, str]]] = {s: [(p.claimed_at, p.peer_id) for p in view[s]
+                                                      if p.state == PeerState.JOINING] for s in view}
     choices: dict[str, StageChoice] = {}
     for claim in pending:
         stage = claim.stage if 1 <= claim.stage <= num_stages else choose_stage(view, num_stages)
-        choices[claim.peer_id] = StageChoice(stage, tuple(joining_before[stage]))
+        place = (claim.claimed_at, claim.peer_id)
+        ahead = tuple(peer for claimed_at, peer in sorted(queued[stage]) if (claimed_at, peer) < place)
+        choices[claim.peer_id] = StageChoice(stage, ahead)
         view[stage].append(_newcomer(claim.peer_id, stage))
-        joining_before[stage].append(claim.peer_id)
+        queued[stage].append(place)
     return choices
 
 

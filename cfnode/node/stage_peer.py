@@ -118,6 +118,7 @@ class StagePeer(Joining, Serving, Leaving):
         self.kept: dict[int, StateSnapshot] = {}
         self._grad_session = ""  # the trainer run whose gradients are accumulated now
         self._last_applied: int | None = None  # the step last applied, so a retried step call is idempotent
+        self.claimed_at = 0.0  # DHT time of this newcomer's join claim (join.py sets it): its place in the queue
         self.unanswered: set[str] = set()  # peers that did not answer this peer's looks at the swarm while it joined
 
 
@@ -141,7 +142,7 @@ class StagePeer(Joining, Serving, Leaving):
             throughput=round(self.throughput.value, 3), load=self.load, grad_norm=self.grad_norm,
             source=self.source, recovered_from=list(self.recovered_from), announced_at=round(get_dht_time(), 3),
             kept=sorted(self.kept), refit=dict(self.refit_report), step_proof=self.step_proof,
-            maddrs=list(self.maddrs),
+            maddrs=list(self.maddrs), claimed_at=self.claimed_at,
         )
 
     async def announce(self) -> None:

@@ -50,6 +50,9 @@ class StageAnnouncement:
     # Multiaddrs (/.../p2p/<peer id>) this peer can be dialed at: any of them is an entry point to the swarm for a
     # newcomer that names the spec owner (`cfnode join --spec-owner`); `cfnode status` lists some.
     maddrs: list[str] = field(default_factory=list)
+    # DHT time of the join claim this peer made before choosing its stage (its place in the newcomers' queue): of
+    # two newcomers obtaining one stage's weights, the later one waits for the earlier, never both for each other.
+    claimed_at: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
         wire = asdict(self)
@@ -68,7 +71,8 @@ class StageAnnouncement:
         return record
 
     def _check(self) -> None:
-        _check_shared(self, counts=("stage", "step", "load", "version"), amounts=("announced_at", "throughput"))
+        _check_shared(self, counts=("stage", "step", "load", "version"),
+                      amounts=("announced_at", "throughput", "claimed_at"))
         if self.grad_norm is not None and not _finite_non_negative(self.grad_norm):
             raise RecordError(f"grad_norm must be a finite non-negative number or None, got {self.grad_norm!r}")
         if self.source not in WEIGHT_SOURCES:

@@ -1,6 +1,7 @@
 """Newcomers that start together spread over the stages, and those that race for one stage become replicas of
 the first: six `cfnode join --stage auto` on a new 3-stage run give two peers per stage, every time; two newcomers
-for a lost stage give one rebuild and one exact copy of it, even when one of them first sees an empty swarm."""
+for a lost stage give one rebuild and one exact copy of it, even when one of them first sees an empty swarm and the
+rebuild takes longer than an announcement lives."""
 
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ def test_six_simultaneous_newcomers_take_two_stages_each(swarm):
 def test_newcomers_racing_for_a_lost_stage_rebuild_it_once(swarm):
     trainer, _ = swarm.train_then_kill(2, steps=12, kill_after=4)
     # Two newcomers for the lost stage at once. The first three looks of one of them at the swarm come back empty,
-    # as through a bootstrap that has just restarted: it must wait for live stages, not start an island.
-    blind = swarm.start_peer(2, env={"CFNODE_FAULTS": "empty_view,empty_view,empty_view"})
-    racers = [blind, swarm.start_peer(2)]
+    # as through a bootstrap that has just restarted: it must wait for live stages, not start an island. Whichever
+    # rebuilds then holds on for over twice the announcement TTL, as a long refit does: its JOINING record must stay
+    # on the map meanwhile, or the other would take it for gone and rebuild the stage a second time.
+    slow = {"CFNODE_FAULT_DELAY": str(2.5 * swarm.spec.announce_ttl)}
+    blind = swarm.start_peer(2, env={"CFNODE_FAULTS": "empty_view,empty_view,empty_view,slow_rebuild", **slow})
+    racers = [blind, swarm.start_peer(2, env={"CFNODE_FAULTS": "slow_rebuild", **slow})]
     assert trainer.process.wait(300) == 0, swarm.log(trainer)
 
     # A copy that joined in the last steps may not have been sent work since (it catches up at its next request),

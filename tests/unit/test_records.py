@@ -176,7 +176,18 @@ def test_maddrs_round_trip_and_default_empty():
     data = wire()
     del data["maddrs"]  # an older peer's announcement has none
     assert StageAnnouncement.from_wire(data).maddrs == []
-    assert list(record.to_wire())[-1] == "maddrs"  # the last field: positional constructions are unchanged
+    assert list(record.to_wire())[-2:] == ["maddrs", "claimed_at"]  # last: positional constructions are unchanged
+
+
+def test_claimed_at_round_trips_defaults_to_zero_and_is_checked():
+    record = make_announcement(claimed_at=1234.5)
+    assert StageAnnouncement.from_wire(record.to_wire()).claimed_at == 1234.5
+    data = wire()
+    del data["claimed_at"]  # an older peer's announcement has none: it counts as ahead of every claimant
+    assert StageAnnouncement.from_wire(data).claimed_at == 0.0
+    for bad in (-1.0, float("nan"), "soon"):
+        with pytest.raises(RecordError, match="claimed_at"):
+            StageAnnouncement.from_wire({**wire(), "claimed_at": bad})
 
 
 @pytest.mark.parametrize("maddrs", ["/ip4/1.2.3.4/tcp/1/p2p/QmPeer", None, [1], [""], ["/ip4/" + "1" * 260],

@@ -121,6 +121,25 @@ def test_decided_and_announced_claimants():
     assert 1 <= assign_stages({}, [claim("odd", 1.0, stage=9)], 3)["odd"].stage <= 3
 
 
+def test_a_joining_peer_that_claimed_later_is_not_ahead():
+    """Two newcomers for one lost stage: the one that claimed first was slow to choose, and the other chose and
+    announced JOINING meanwhile. The first must not wait for the second, which waits for it: the queue order
+    (claimed_at, peer id) decides who is ahead, whether the other is seen as a claim or as a JOINING record."""
+    from dataclasses import replace
+
+    later = replace(peer(2, 0.0, state=PeerState.JOINING), claimed_at=5.0)
+    earlier = replace(peer(2, 0.0, state=PeerState.JOINING), claimed_at=1.0)
+    stage_map = {1: [peer(1)], 2: [later], 3: [peer(3)]}
+    assert assign_stages(stage_map, [claim("first", 2.0, stage=2)], 3)["first"] == StageChoice(2, ())
+    # And the later one, choosing while the first still claimed, waits for it.
+    assert assign_stages({1: [peer(1)], 2: [], 3: [peer(3)]}, [claim("first", 2.0), claim("second", 5.0, stage=2)],
+                         3)["second"] == StageChoice(2, ("first",))
+    # A JOINING record that claimed earlier is ahead, before earlier claimants that have not announced yet.
+    stage_map = {1: [peer(1)], 2: [earlier, later], 3: [peer(3)]}
+    assert assign_stages(stage_map, [claim("c", 0.5, stage=2), claim("d", 3.0, stage=2)], 3) == {
+        "c": StageChoice(2, ()), "d": StageChoice(2, ("c", earlier.peer_id))}
+
+
 def test_typical_throughput_is_the_online_median():
     stage_map = {1: [peer(1, 10), peer(1, 30)], 2: [peer(2, 20), peer(2, 999, state=PeerState.LEAVING)],
                  3: [peer(3, 0.0, state=PeerState.JOINING)]}
