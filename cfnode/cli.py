@@ -627,12 +627,15 @@ def _comma_list(kind: type, choices: tuple[str, ...] | None = None) -> Callable[
               help="The +refit methods: (input, output) pairs kept per stage for the refit.")
 @click.option("--refit-steps", type=click.IntRange(min=1), default=200, show_default=True,
               help="The +refit methods: at most this many refit steps.")
+@click.option("--fresh", is_flag=True, help="Run every sim run again, even one that OUT/runs/ holds from an earlier "
+                                            "sweep with the same settings (by default those are reused, so a "
+                                            "stopped sweep continues where it was).")
 def churn(methods: str, rates: list[float], steps: int, target_loss: float | None, data_path: str | None,
           seeds: list[int], seed: int | None, jobs: int | None, out_dir: str, backend: str, downtime: float | None,
           checkpoint_gb: float, storage_mbps: float, paper_iteration_seconds: float, save_cost: float | None,
           restore_cost: float | None, redundant_cost: float | None, checkpoint_every: int, stages: int,
           layers_per_stage: int, hidden: int, heads: int, seq_len: int, batch_size: int, microbatches: int,
-          eval_every: int, eval_batches: int, threads: int, refit_cache: int, refit_steps: int) -> None:
+          eval_every: int, eval_batches: int, threads: int, refit_cache: int, refit_steps: int, fresh: bool) -> None:
     """Time to a target validation loss under stage failures, per recovery method (the paper's Table 2)."""
     from cfnode.bench.churn import DEFAULT_SPEC, ChurnConfig, default_jobs, run_churn
     from cfnode.bench.sim import METHODS
@@ -655,7 +658,7 @@ def churn(methods: str, rates: list[float], steps: int, target_loss: float | Non
                          eval_every=eval_every, eval_batches=eval_batches, time=model,
                          checkpoint_every=checkpoint_every, seed=seeds[0], threads=threads)
     _run("bench churn", lambda: run_churn(chosen, rates, config, data_path, Path(out_dir), backend, target_loss,
-                                          seeds=seeds, jobs=jobs or default_jobs()))
+                                          seeds=seeds, jobs=jobs or default_jobs(), reuse=not fresh))
 
 
 # `cfnode tokenizer train` and `cfnode data prepare` (cfnode/data/commands.py)

@@ -16,6 +16,7 @@ Measured wall seconds are recorded beside, for information. Validation is not on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
@@ -296,21 +297,56 @@ class Task:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(corpus: bytes, config: ChurnConfig, workdir: Path) -> None:
+def _init_worker(corpus: bytes, config: ChurnConfig, workdir: Path, reuse: bool = True) -> None:
     torch.set_num_threads(config.threads)
-    _WORKER.update(dataset=TextDataset(corpus, config.spec.seq_len), config=config, workdir=workdir)
+    _WORKER.update(dataset=TextDataset(corpus, config.spec.seq_len), config=config, workdir=workdir, reuse=reuse,
+                   corpus_sha256=hashlib.sha256(corpus).hexdigest())
+
+
+def run_fingerprint(task: Task, config: ChurnConfig, corpus_sha256: str) -> str:
+    """What a sim run's result depends on: its task, the whole configuration and the corpus."""
+    return json.dumps({"task": asdict(task), "config": asdict(config.with_seed(task.seed)), "corpus": corpus_sha256,
+                       "version": 1}, sort_keys=True, default=str)
+
+
+def saved_run_path(workdir: Path, task: Task) -> Path:
+    return workdir / "runs" / f"{task.method}-rate{task.rate:g}-seed{task.seed}.json"
+
+
+def _load_saved_run(path: Path, fingerprint: str) -> RunResult | None:
+    """A finished run saved by an earlier sweep with the same fingerprint, else None (missing, other settings, or a
+    file that does not parse: the run is made again)."""
+    try:
+        saved = json.loads(path.read_text())
+        return RunResult(**saved["result"]) if saved.get("fingerprint") == fingerprint else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _run_task(task: Task) -> tuple[RunResult, list[str]]:
-    """One sim run in a worker (or in this process with --jobs 1): the same function, so N cannot change a result."""
+    """One sim run in a worker (or in this process with --jobs 1): the same function, so N cannot change a result.
+
+    Each finished run is saved under OUT/runs/, so a sweep that was stopped (hours of runs at the paper's shape)
+    picks up where it was: a saved run with the same fingerprint is reused, unless the sweep runs with --fresh."""
     lines: list[str] = []
     started = time.perf_counter()
     config = _WORKER["config"].with_seed(task.seed)
-    result = run_sim(task.method, task.rate, _WORKER["dataset"], config, _WORKER["workdir"], log=lines.append,
-                     target=task.target)
+    path = saved_run_path(_WORKER["workdir"], task)
+    fingerprint = run_fingerprint(task, _WORKER["config"], _WORKER["corpus_sha256"])
+    result = _load_saved_run(path, fingerprint) if _WORKER["reuse"] else None
+    if result is None:
+        result = run_sim(task.method, task.rate, _WORKER["dataset"], config, _WORKER["workdir"], log=lines.append,
+                         target=task.target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"fingerprint": fingerprint, "result": asdict(result)}))
+        os.replace(temporary, path)
+        ran = f"ran {time.perf_counter() - started:.1f} s"
+    else:
+        ran = f"reused from {path} (ran {result.wall_seconds:.1f} s; --fresh runs it again)"
     lines.append(f"  {task.method:<16} rate {result.rate:<5g} seed {task.seed}: {len(result.failures):>3} failures, "
                  f"final val {result.final_val:.4f}, model time {result.times[-1] if result.times else 0:.1f} it, "
-                 f"ran {time.perf_counter() - started:.1f} s")
+                 f"{ran}")
     return result, lines
 
 
@@ -322,15 +358,16 @@ _EXPECTED_COST = {"redundant": 0, "checkfree++refit": 1, "checkfree+refit": 1, "
 class Runner:
     """Runs tasks in this process (jobs 1) or in `jobs` spawned processes; returns results in the tasks' order."""
 
-    def __init__(self, jobs: int, corpus: bytes, config: ChurnConfig, workdir: Path, log: Callable[[str], None]):
+    def __init__(self, jobs: int, corpus: bytes, config: ChurnConfig, workdir: Path, log: Callable[[str], None],
+                 reuse: bool = True):
         self.jobs, self.log = jobs, log
         self.pool: ProcessPoolExecutor | None = None
         if jobs > 1:
             # spawn: a fork of a process that has run torch can deadlock, and each child sets its own threads
             self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(corpus, config, workdir))
+                                            initializer=_init_worker, initargs=(corpus, config, workdir, reuse))
         else:
-            _init_worker(corpus, config, workdir)
+            _init_worker(corpus, config, workdir, reuse)
 
     def run(self, tasks: Sequence[Task]) -> list[RunResult]:
         if self.pool is None:
@@ -442,7 +479,7 @@ def _measured_lines(results: Sequence[RunResult], model: TimeModel) -> tuple[lis
 
 def run_churn(methods: Sequence[str], rates: Sequence[float], config: ChurnConfig, data_path: str | None,
               out: Path, backend: str = "sim", target: float | None = None, log: Callable[[str], None] = print,
-              seeds: Sequence[int] | None = None, jobs: int = 1) -> dict[str, Any]:
+              seeds: Sequence[int] | None = None, jobs: int = 1, reuse: bool = True) -> dict[str, Any]:
     """The whole benchmark: runs, table, plots and raw JSON under `out`. Returns the JSON document."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -478,7 +515,7 @@ def run_churn(methods: Sequence[str], rates: Sequence[float], config: ChurnConfi
             f"{yd} (Young-Daly, sqrt(2 x {model.save_cost:.3f} x MTBF)); failure events in the first {config.steps} "
             f"iterations per seed: {counts}")
 
-    runner = Runner(jobs if backend == "sim" else 1, corpus, config, out, log)
+    runner = Runner(jobs if backend == "sim" else 1, corpus, config, out, log, reuse=reuse and backend == "sim")
     results: list[RunResult] = []
     try:
         given_target = target

@@ -250,6 +250,39 @@ def test_jobs_do_not_change_the_results(tmp_path):
     assert any(r["failures"] for r in rows[0])
 
 
+def test_a_sweep_run_again_reuses_its_finished_runs_unless_its_settings_changed(tmp_path):
+    data = tmp_path / "tiny.txt"
+    data.write_bytes(TEXT)
+    out = tmp_path / "out"
+    first_lines: list[str] = []
+    first = run_churn(["checkfree"], [RATE], _config(), str(data), out, log=first_lines.append, seeds=[0], jobs=1)
+    saved = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert saved == ["checkfree-rate0.3-seed0.json", "none-rate0-seed0.json"]
+    assert not any("reused" in line for line in first_lines)
+    # The same command again (a sweep that was stopped and restarted): every run is reused, the report is the same.
+    again_lines: list[str] = []
+    again = run_churn(["checkfree"], [RATE], _config(), str(data), out, log=again_lines.append, seeds=[0], jobs=1)
+    assert sum("reused from" in line for line in again_lines) == 2
+    assert again["rows"] == first["rows"] and again["runs"] == first["runs"]
+    # --fresh runs them again; other settings (more steps) or another corpus never reuse a saved run.
+    fresh_lines: list[str] = []
+    run_churn(["checkfree"], [RATE], _config(), str(data), out, log=fresh_lines.append, seeds=[0], jobs=1,
+              reuse=False)
+    assert not any("reused" in line for line in fresh_lines)
+    changed_lines: list[str] = []
+    run_churn(["checkfree"], [RATE], _config(steps=6), str(data), out, log=changed_lines.append, seeds=[0], jobs=1)
+    assert not any("reused" in line for line in changed_lines)
+    data.write_bytes(TEXT + b" The end.")
+    other_lines: list[str] = []
+    run_churn(["checkfree"], [RATE], _config(steps=6), str(data), out, log=other_lines.append, seeds=[0], jobs=1)
+    assert not any("reused" in line for line in other_lines)
+    # A damaged file is not trusted: the run is made again.
+    (out / "runs" / "none-rate0-seed0.json").write_text("{not json")
+    damaged_lines: list[str] = []
+    run_churn(["checkfree"], [RATE], _config(steps=6), str(data), out, log=damaged_lines.append, seeds=[0], jobs=1)
+    assert sum("reused from" in line for line in damaged_lines) == 1
+
+
 def test_without_matplotlib_table_and_json_are_written(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     lines = []
