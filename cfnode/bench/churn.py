@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -297,8 +298,19 @@ class Task:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(corpus: bytes, config: ChurnConfig, workdir: Path, reuse: bool = True) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A worker's watchdog: a sweep killed outright (SIGTERM, SIGKILL) cannot stop its workers, which would go on
+    computing runs nobody collects; each leaves once its parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _init_worker(corpus: bytes, config: ChurnConfig, workdir: Path, reuse: bool = True,
+                 parent: int | None = None) -> None:
     torch.set_num_threads(config.threads)
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
     _WORKER.update(dataset=TextDataset(corpus, config.spec.seq_len), config=config, workdir=workdir, reuse=reuse,
                    corpus_sha256=hashlib.sha256(corpus).hexdigest())
 
@@ -365,7 +377,8 @@ class Runner:
         if jobs > 1:
             # spawn: a fork of a process that has run torch can deadlock, and each child sets its own threads
             self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(corpus, config, workdir, reuse))
+                                            initializer=_init_worker,
+                                            initargs=(corpus, config, workdir, reuse, os.getpid()))
         else:
             _init_worker(corpus, config, workdir, reuse)
 
