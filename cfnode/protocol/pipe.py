@@ -37,6 +37,8 @@ from cfnode.protocol.messages import (
 Request = runtime_pb2.ExpertRequest
 Response = runtime_pb2.ExpertResponse
 PIPE_METHODS = ("forward", "backward")
+# Seconds a failed send waits for the peer's reply already on its way (a refusal), before failing the call as broken.
+REFUSAL_GRACE = 2.0
 
 
 @dataclass
@@ -84,6 +86,11 @@ class Pipe:
             try:
                 await P2P.send_protobuf(message, stream.writer)
             except Exception as e:
+                # A peer that refuses the stream (an unauthorised caller) answers why and ends it, maybe while this
+                # message is still being sent: let the reader deliver that answer before calling it a break.
+                if stream.reader is not None:
+                    with suppress(Exception):
+                        await asyncio.wait_for(asyncio.shield(stream.reader), REFUSAL_GRACE)
                 stream.close(TruncatedStream(f"the pipe broke while sending: {type(e).__name__}"))
         try:
             meta, tensors = await reply

@@ -39,6 +39,11 @@ async def rogue_visit(maddr: str, spec) -> dict:
             return "accepted"
 
         out["forward on the pipe"] = await code(piped.forward(first.peer_id, ForwardRequest(1, 0, 0, hidden), 30))
+        # A call of many megabytes on a new pipe: the peer refuses the stream and ends it while the message is still
+        # being sent, so the send breaks; the caller must still get the refusal, not a broken pipe.
+        large = torch.randn(1024, spec.seq_len, spec.hidden_size)
+        out["large forward on a new pipe"] = await code(StageClient(p2p, 2**26, spec=spec).forward(
+            first.peer_id, ForwardRequest(1, 0, 0, large), 30))
         out["backward on a stream"] = await code(streamed.backward(
             first.peer_id, BackwardRequest(1, 0, 0, hidden, hidden), 30))
         out["step"] = await code(piped.step(first.peer_id, StepRequest(1, 0, [first.peer_id], ledger={}), 30))
@@ -75,7 +80,7 @@ def test_a_peer_the_run_does_not_name_cannot_train_copy_or_claim_steps(swarm):
         swarm.start_peer(stage)
     swarm.wait_online({1: 1, 2: 1})
     out = asyncio.run(rogue_visit(swarm.maddr, swarm.spec))
-    for call in ("forward on the pipe", "backward on a stream", "step", "head copy",
+    for call in ("forward on the pipe", "large forward on a new pipe", "backward on a stream", "step", "head copy",
                  "copy of a stage it does not serve"):
         assert out[call] == UNAUTHORISED, (call, out[call])
     assert out["still online"] == "ONLINE"
