@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 
 # hivemind recognises streaming RPCs by typing.AsyncIterator annotations, not collections.abc ones.
 from typing import AsyncIterator, Protocol  # noqa: UP035
@@ -157,6 +157,11 @@ class StageService(BoundedServicer):
             self._authorise(context, "pipe")
         except RequestRefused as e:
             yield to_message(error_envelope(e.code, str(e)), Response)
+            # The caller may still be sending its first call: ending the stream now would reset it, and the reset
+            # can overtake the refusal. Read on until the caller, told, drops the pipe (within the drain limit).
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_drain(requests, drain_limit(self.backend.max_request_bytes)),
+                                       REFUSED_PIPE_DRAIN_SECONDS)
             return
         replies: asyncio.Queue[Envelope | None] = asyncio.Queue()
         calls: set[asyncio.Task] = set()
@@ -296,6 +301,10 @@ class StageService(BoundedServicer):
 
         for message in to_chunks(await _guarded(handle, "get_copy"), Response, chunk_bytes=STATE_CHUNK_BYTES):
             yield message
+
+
+# Seconds a refused pipe is still read, for the refusal to reach a caller that was sending (rpc_pipe).
+REFUSED_PIPE_DRAIN_SECONDS = 10.0
 
 
 def drain_limit(max_bytes: int) -> int:
