@@ -82,6 +82,7 @@ VARIANTS = {
     "keep": Variant("+ forward activations kept for the backward", 16, "float32", None, False),
     "bfloat16": Variant("+ bfloat16 activations and gradients on the wire", 16, "bfloat16", None, False),
     "pipe": Variant("+ forward and backward calls on one stream per peer", 16, "bfloat16", None, True),
+    "int8": Variant("+ blockwise 8-bit activations and gradients on the wire", 16, "int8", None, True),
 }
 DEFAULT_VARIANT = next(name for name, v in VARIANTS.items()
                        if (v.keep_activations, v.wire_dtype, v.threads, v.pipe)

@@ -22,7 +22,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 RECOVERY_MODES = ("none", "checkfree", "checkfree+", "uniform", "copy", "random")
 MAX_MICROBATCHES = 1024  # per step: a peer keeps one input gradient per microbatch until the step
-WIRE_DTYPES = ("float32", "bfloat16")  # how activations and their gradients travel between trainer and stages
+# How activations and their gradients travel between trainer and stages; int8 is blockwise (protocol/quantize.py).
+WIRE_DTYPES = ("float32", "bfloat16", "int8")
 MAX_STAGES = 256  # body stages a run may have; DHT validators know every stage key up to it
 MAX_TRAINER_KEYS = 16
 BYTE_TOKENIZER = "byte"  # one token per byte of UTF-8; any other tokenizer is named "sha256:<digest of its file>"
@@ -78,7 +79,8 @@ class RunSpec:
     announce_ttl: float = 10.0  # seconds an announcement lives unless refreshed
     max_message_mb: float = 64.0  # largest activation or gradient payload a peer accepts
     # Activations and their gradients on the wire; compute, states and the replicas' gradient exchange stay float32.
-    # bfloat16 halves the bytes; in benchmarks/loss_compare.py it trained within the seed-to-seed noise.
+    # bfloat16 halves the bytes; in benchmarks/loss_compare.py it trained within the seed-to-seed noise. int8 sends
+    # 1.06 bytes a value (64-value blocks, each with a float32 scale).
     wire_dtype: str = "bfloat16"
     # Refit (cfnode.recovery.refit): the trainer keeps each stage's last refit_cache (input, output) microbatch
     # pairs, and a newcomer that rebuilds a stage regresses it onto them for at most refit_steps steps. 0: off.

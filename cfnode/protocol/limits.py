@@ -16,6 +16,7 @@ from torch import nn
 
 from cfnode.config import RunSpec
 from cfnode.model import BodyStage, HeadModule
+from cfnode.protocol import quantize
 from cfnode.protocol.messages import MAX_METADATA_BYTES, STATE_CHUNK_BYTES
 
 FLOAT32_BYTES = 4
@@ -78,6 +79,11 @@ def max_copy_bytes(spec: RunSpec) -> int:
     return max(head_state_bytes(spec), stage_state_bytes(spec))
 
 
+def wire_bytes_per_value(wire_dtype: str) -> float:
+    """Bytes one activation or gradient value takes on the wire."""
+    return quantize.BYTES_PER_VALUE if wire_dtype == "int8" else getattr(torch, wire_dtype).itemsize
+
+
 def activation_bytes(spec: RunSpec) -> int:
     """One activation or gradient payload on the wire (a forward's input or output, a backward's gradients)."""
     return spec.max_message_bytes
@@ -90,8 +96,7 @@ def activations_reply_bytes(spec: RunSpec) -> int:
     wire_dtype elements (a stage's output has its input's shape); the trainer keeps and sends them in float32.
     That is refit_cache pairs of two such tensors: with the defaults, 16 x 2 x 128 MiB.
     """
-    wire_itemsize = getattr(torch, spec.wire_dtype).itemsize
-    per_tensor = spec.max_message_bytes // wire_itemsize * FLOAT32_BYTES
+    per_tensor = int(spec.max_message_bytes / wire_bytes_per_value(spec.wire_dtype)) * FLOAT32_BYTES
     return spec.refit_cache * 2 * per_tensor
 
 

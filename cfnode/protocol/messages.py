@@ -19,6 +19,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
 from cfnode.config import MAX_MICROBATCHES
+from cfnode.protocol import quantize
 from cfnode.protocol.records import MAX_STEP_PROOF
 from cfnode.protocol.timing import timed
 
@@ -73,7 +74,8 @@ class Envelope:
 
 
 def wire_dtype(name: str) -> torch.dtype | None:
-    """The dtype a RunSpec's `wire_dtype` names; None for float32, which needs no conversion."""
+    """The dtype a RunSpec's `wire_dtype` names; None for float32, which needs no conversion. torch.int8 stands
+    for blockwise 8-bit quantization (protocol/quantize.py)."""
     return None if name == "float32" else getattr(torch, name)
 
 
@@ -98,12 +100,13 @@ def unpack_meta(raw: bytes) -> dict[str, Any]:
 def to_chunks(envelope: Envelope, message_type: type[Message], wire: torch.dtype | None = None,
               chunk_bytes: int = CHUNK_BYTES) -> Iterator[Message]:
     """Encode an envelope as a stream: metadata in the first message, then the tensors' chunks in order.
-    With `wire`, floating-point tensors travel in that dtype (the receiver computes in float32 anyway)."""
+    With `wire`, floating-point tensors travel in that dtype, or blockwise 8-bit for torch.int8 (the receiver
+    computes in float32 anyway)."""
     first = True
     for tensor in envelope.tensors:
         with timed("encode"):
             messages = []
-            for part in split_for_streaming(serialize_torch_tensor(_for_wire(tensor, wire)), chunk_bytes):
+            for part in split_for_streaming(_serialize(tensor, wire), chunk_bytes):
                 messages.append(message_type(tensors=[part], metadata=pack_meta(envelope.meta) if first else b""))
                 first = False
         yield from messages
@@ -114,15 +117,16 @@ def to_chunks(envelope: Envelope, message_type: type[Message], wire: torch.dtype
 def to_message(envelope: Envelope, message_type: type[Message], wire: torch.dtype | None = None) -> Message:
     """Encode an envelope as one message (a unary call, or one call on a pipe). `wire` as in `to_chunks`."""
     with timed("encode"):
-        return message_type(tensors=[serialize_torch_tensor(_for_wire(t, wire)) for t in envelope.tensors],
-                            metadata=pack_meta(envelope.meta))
+        return message_type(tensors=[_serialize(t, wire) for t in envelope.tensors], metadata=pack_meta(envelope.meta))
 
 
-def _for_wire(tensor: torch.Tensor, wire: torch.dtype | None) -> torch.Tensor:
+def _serialize(tensor: torch.Tensor, wire: torch.dtype | None) -> runtime_pb2.Tensor:
     tensor = tensor.detach()
     if wire is not None and tensor.is_floating_point() and tensor.dtype != wire:
+        if wire == torch.int8:
+            return quantize.serialize_int8(tensor)
         tensor = tensor.to(wire)
-    return tensor
+    return serialize_torch_tensor(tensor)
 
 
 def from_message(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> Envelope:
@@ -189,6 +193,8 @@ def _combine(header: runtime_pb2.Tensor, parts: Iterable[bytes]) -> torch.Tensor
 
 def _deserialize(serialized: runtime_pb2.Tensor) -> torch.Tensor:
     try:
+        if serialized.compression == quantize.COMPRESSION:
+            return quantize.deserialize_int8(serialized)
         return deserialize_torch_tensor(serialized)
     except Exception as e:  # wrong sizes, unknown dtypes, corrupt buffers
         raise ProtocolError(f"undecodable tensor: {type(e).__name__}: {e}") from None
