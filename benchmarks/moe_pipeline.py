@@ -57,6 +57,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ from cfnode.model import build_body_stage, build_head
 
 logger = get_logger(__name__)
 
-LOCALHOST_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
+LOCALHOST = "127.0.0.1"
 READY_MARKER = "MOE-PIPELINE-READY"  # a server prints it on stdout once its Server accepts requests
 EXPERT_STEPS = ("backward", "batch")
 
@@ -128,9 +129,13 @@ class DeclareWhenReady(DHTHandlerThread):
         super().run()
 
 
+def host_maddrs(host: str) -> list[str]:
+    return [f"/ip4/{host}/tcp/0"]
+
+
 def serve(spec: RunSpec, stage: int, initial_peers: list[str], threads: int | None, max_batch_size: int,
           num_handlers: int, expert_step: str, samples_per_step: int, update_period: float = 30.0,
-          ready_timeout: float = 300.0) -> None:
+          ready_timeout: float = 300.0, host: str = LOCALHOST) -> None:
     """Host body stage `stage` as hivemind expert `stage.N` until stdin closes."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -162,7 +167,7 @@ def serve(spec: RunSpec, stage: int, initial_peers: list[str], threads: int | No
     else:
         backend = ModuleBackend(**backend_kwargs)
 
-    dht = DHT(initial_peers=initial_peers, host_maddrs=LOCALHOST_MADDRS, start=True)
+    dht = DHT(initial_peers=initial_peers, host_maddrs=host_maddrs(host), start=True)
     server = Server(dht, {uid: backend}, num_connection_handlers=num_handlers, update_period=update_period)
     server.dht_handler_thread = DeclareWhenReady(server.ready, module_backends=server.module_backends, dht=dht,
                                                  update_period=update_period, daemon=True)
@@ -266,8 +271,9 @@ def _wait_until(condition: Callable[[], bool], deadline: float, poll: float = 0.
 
 
 def _serve_argv(spec: RunSpec, stage: int, initial_peers: list[str], threads: int | None, max_batch_size: int,
-                num_handlers: int, expert_step: str, samples_per_step: int) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), "serve", "--stage", str(stage),
+                num_handlers: int, expert_step: str, samples_per_step: int, where: StageHost) -> list[str]:
+    argv = [*where.prefix, sys.executable, str(Path(__file__).resolve()), "serve", "--stage", str(stage),
+            "--host", where.address,
             "--spec-json", json.dumps(spec.to_dict()), "--max-batch-size", str(max_batch_size),
             "--handlers", str(num_handlers), "--expert-step", expert_step,
             "--samples-per-step", str(samples_per_step), "--initial-peers", *initial_peers]
@@ -286,17 +292,33 @@ def _server_env(threads: int | None, server_log_level: str) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class StageHost:
+    """Where a stage's server runs: a command prefix (such as `ip netns exec NS`) and the address it listens on."""
+
+    prefix: tuple[str, ...] = ()
+    address: str = LOCALHOST
+
+    @classmethod
+    def parse(cls, text: str) -> StageHost:
+        """`NAMESPACE@ADDRESS` (a network namespace of this machine), or just `ADDRESS`."""
+        namespace, _, address = text.rpartition("@")
+        return cls(("ip", "netns", "exec", namespace) if namespace else (), address)
+
+
 def run_moe_pipeline(spec: RunSpec, dataset: TextDataset, batch_size: int, microbatches: int, steps: int,
                      warmup: int, seed: int, threads: int | None = None, timeout: float = 600.0,
                      concurrent: bool = True, expert_step: str = "backward", num_handlers: int = 4,
-                     server_log_level: str = "warning", verbose: bool = False) -> dict[str, Any]:
+                     server_log_level: str = "warning", verbose: bool = False, host: str = LOCALHOST,
+                     stage_hosts: dict[int, StageHost] | None = None) -> dict[str, Any]:
     """Train warmup + steps steps of fresh weights on a hivemind.moe pipeline; time the last `steps` of them.
 
-    One `serve` subprocess per body stage, the head and the training loop in this process. Returns the keys of
-    throughput.run_in_process (tokens, time_s, tokens_per_s, median_step_s, median_tokens_per_s, final_loss) plus
-    ok and wall_s (start of the DHT to the end of the shutdown); on failure or after `timeout` seconds (all of it,
-    start-up included), ok=False, error and server_logs (last lines of each server) instead of the numbers.
-    Every process it started is stopped before it returns.
+    One `serve` subprocess per body stage, the head and the training loop in this process; this process's DHT
+    listens on `host`, and stage N's server runs where `stage_hosts[N]` says (default: 127.0.0.1 here).
+    Returns the keys of throughput.run_in_process (tokens, time_s, tokens_per_s, median_step_s,
+    median_tokens_per_s, final_loss) plus ok and wall_s (start of the DHT to the end of the shutdown); on failure or
+    after `timeout` seconds (all of it, start-up included), ok=False, error and server_logs (last lines of each
+    server) instead of the numbers. Every process it started is stopped before it returns.
     """
     if steps < 1 or warmup < 0:
         raise ValueError("steps must be >= 1 and warmup >= 0")
@@ -319,12 +341,13 @@ def run_moe_pipeline(spec: RunSpec, dataset: TextDataset, batch_size: int, micro
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        dht = DHT(host_maddrs=LOCALHOST_MADDRS, start=True)
+        dht = DHT(host_maddrs=host_maddrs(host), start=True)
         initial_peers = [str(maddr) for maddr in dht.get_visible_maddrs()]
         env = _server_env(threads, server_log_level)
         for stage in range(1, spec.num_stages + 1):
             argv = _serve_argv(spec, stage, initial_peers, threads, max_batch_size=batch_size,
-                               num_handlers=num_handlers, expert_step=expert_step, samples_per_step=batch_size)
+                               num_handlers=num_handlers, expert_step=expert_step, samples_per_step=batch_size,
+                               where=(stage_hosts or {}).get(stage, StageHost()))
             servers.append(_ServerProcess(stage, argv, env))
         say(f"started {len(servers)} stage servers (pids {', '.join(str(s.popen.pid) for s in servers)})")
 
@@ -530,6 +553,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--server-log-level", default="warning", choices=["debug", "info", "warning", "error"])
     run.add_argument("--quiet", action="store_true", help="no per-step lines")
     run.add_argument("--json-out", type=Path, default=None, help="write the result here as JSON")
+    run.add_argument("--host", default=LOCALHOST, help="the address this process's DHT listens on")
+    run.add_argument("--stage-host", action="append", default=[], metavar="N=[NAMESPACE@]ADDRESS",
+                     help="run stage N's server in that network namespace, listening on that address")
 
     srv = commands.add_parser("serve", help="(internal) host one body stage as a hivemind expert")
     srv.add_argument("--stage", type=int, required=True)
@@ -540,12 +566,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     srv.add_argument("--handlers", type=int, default=4)
     srv.add_argument("--expert-step", choices=EXPERT_STEPS, default="backward")
     srv.add_argument("--samples-per-step", type=int, default=16, help="with --expert-step batch")
+    srv.add_argument("--host", default=LOCALHOST, help="the address the server's DHT listens on")
 
     args = parser.parse_args(argv)
     if args.command == "run":
         check_model_and_schedule_arguments(parser, args)
         if args.handlers < 1:
             parser.error("--handlers must be >= 1")
+        try:
+            args.stage_hosts = {int(n): StageHost.parse(where)
+                                for n, where in (item.split("=", 1) for item in args.stage_host)}
+        except ValueError:
+            parser.error("--stage-host takes N=[NAMESPACE@]ADDRESS")
     return args
 
 
@@ -553,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "serve":
         serve(RunSpec.from_dict(json.loads(args.spec_json)), args.stage, args.initial_peers, args.threads,
-              args.max_batch_size, args.handlers, args.expert_step, args.samples_per_step)
+              args.max_batch_size, args.handlers, args.expert_step, args.samples_per_step, host=args.host)
         return 0
 
     logging.getLogger("hivemind").setLevel(logging.WARNING)
@@ -580,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.seed, threads=args.threads, timeout=args.timeout,
                                   concurrent=not args.sequential, expert_step=args.expert_step,
                                   num_handlers=args.handlers, server_log_level=args.server_log_level,
-                                  verbose=not args.quiet)
+                                  verbose=not args.quiet, host=args.host, stage_hosts=args.stage_hosts)
     except KeyboardInterrupt:
         print("interrupted; every server stopped", file=sys.stderr)
         return 130
@@ -594,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in lines:
                 print(f"  [{name}] {line}", file=sys.stderr)
     if args.json_out:
-        config = {k: v for k, v in vars(args).items() if k not in ("command", "json_out")}
+        config = {k: v for k, v in vars(args).items() if k not in ("command", "json_out", "stage_hosts")}
         args.json_out.write_text(json.dumps(dict(config=config, result=result), indent=2) + "\n")
         print(f"wrote {args.json_out}")
     return 0 if result["ok"] else 1

@@ -1,7 +1,7 @@
 """CheckFree across real hosts: every role in its own Linux network namespace, joined by a test bridge.
 
-Each "host" is a network namespace with one veth into a bridge that this test creates. The bridge has
-no address and no uplink, and the namespaces have no default route: 10.213.0.0/24 exists only inside
+Each "host" is a network namespace with one veth into a bridge that this test creates (cfnode.bench.netlab). The
+bridge has no address and no uplink, and the namespaces have no default route: 10.213.0.0/24 exists only inside
 the test, so no packet can leave it. The bootstrap, three stage peers and the trainer run in five
 namespaces. After some steps stage 2's link goes down: its peer is still running but unreachable, as a
 host that drops off the network would be. A newcomer in a sixth namespace rebuilds stage 2 from stages
@@ -13,145 +13,35 @@ Needs root or CAP_NET_ADMIN (`ip netns add`); skipped otherwise.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from cfnode.bench.load import busy_from_env, busy_loops
-from cfnode.launcher import Child, stop_all
+from cfnode.bench.netlab import Lab, unavailable
+from cfnode.launcher import Child
 from tests.integration.harness import TINY_SPEC, read_events, wait_until
 
 SUBNET = "10.213.0"  # /24, only on the test's bridge
 BOOTSTRAP_PORT = 31337
 
 
-@dataclass
-class Host:
-    namespace: str
-    inside: str  # the veth end in the namespace
-    outside: str  # the veth end on the bridge
-    address: str
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-    return result
-
-
-def netns_unavailable() -> str | None:
-    """Why this machine cannot run the test, or None."""
-    if shutil.which("ip") is None:
-        return "the `ip` command (iproute2) is not installed"
-    probe = f"cfnode-probe-{os.getpid()}"
-    added = ip("netns", "add", probe, check=False)
-    if added.returncode != 0:
-        return f"`ip netns add` is not permitted here (needs root or CAP_NET_ADMIN): {added.stderr.strip()}"
-    try:
-        veth = ip("link", "add", f"cfp{os.getpid() % 100000}a", "type", "veth", "peer", "name",
-                  f"cfp{os.getpid() % 100000}b", "netns", probe, check=False)
-        if veth.returncode != 0:
-            return f"cannot create a veth pair here: {veth.stderr.strip()}"
-        ip("link", "del", f"cfp{os.getpid() % 100000}a", check=False)
-    finally:
-        ip("netns", "del", probe, check=False)
-    return None
-
-
-class Lab:
-    """Namespaces on one bridge, and the cfnode processes running in them; close() removes all of it."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.tag = f"{os.getpid() % 100000:05d}"
-        self.bridge = f"cfb{self.tag}"
-        self.hosts: list[Host] = []
-        self.children: list[Child] = []
-        ip("link", "add", self.bridge, "type", "bridge")
-        ip("link", "set", self.bridge, "up")
-
-    def add_host(self) -> Host:
-        index = len(self.hosts)
-        host = Host(namespace=f"cfnode-{self.tag}-{index}", inside=f"cfn{self.tag}{index}",
-                    outside=f"cfh{self.tag}{index}", address=f"{SUBNET}.{10 + index}")
-        self.hosts.append(host)
-        ip("netns", "add", host.namespace)
-        ip("link", "add", host.outside, "type", "veth", "peer", "name", host.inside, "netns", host.namespace)
-        ip("link", "set", host.outside, "master", self.bridge, "up")
-        ns = ("-n", host.namespace)
-        ip(*ns, "link", "set", "lo", "up")
-        ip(*ns, "addr", "add", f"{host.address}/24", "dev", host.inside)
-        ip(*ns, "link", "set", host.inside, "up")
-        routes = ip(*ns, "route", "show").stdout
-        assert "default" not in routes, routes
-        return host
-
-    def start(self, host: Host, name: str, *args: str) -> Child:
-        """`python -m cfnode ARGS` inside the host's namespace, in a process group of its own."""
-        log_path = self.workdir / f"{len(self.children):02d}-{name}.log"
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                ["ip", "netns", "exec", host.namespace, sys.executable, "-m", "cfnode", *args],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        child = Child(name, process, log_path)
-        self.children.append(child)
-        return child
-
-    def run(self, host: Host, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", host.namespace, sys.executable, "-m", "cfnode", *args],
-                              capture_output=True, text=True, timeout=timeout)
-
-    def link_down(self, host: Host) -> None:
-        ip("-n", host.namespace, "link", "set", host.inside, "down")
-
-    @staticmethod
-    def log(child: Child) -> str:
-        return child.log_path.read_text(errors="replace") if child.log_path.exists() else ""
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {c.name} ---\n{self.log(c)[-3000:]}" for c in self.children)
-
-    def close(self) -> None:
-        stop_all(self.children, grace=3.0)
-        for host in self.hosts:
-            # Anything still running in a namespace of this test (only processes it started) goes too.
-            pids = ip("netns", "pids", host.namespace, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-        for host in self.hosts:
-            ip("netns", "del", host.namespace, check=False)
-            ip("link", "del", host.outside, check=False)
-        ip("link", "del", self.bridge, check=False)
-
-
 @pytest.fixture
 def lab(tmp_path):
-    reason = netns_unavailable()
+    reason = unavailable()
     if reason:
         pytest.skip(reason)
     lab = None
     try:
-        lab = Lab(tmp_path)
+        lab = Lab(tmp_path, SUBNET)
         yield lab
     finally:
         if lab is not None:
             lab.close()
-            leftovers = [h.namespace for h in lab.hosts if h.namespace in ip("netns", "list").stdout]
-            assert not leftovers, f"namespaces left behind: {leftovers}"
-            assert lab.bridge not in ip("link", "show").stdout
+            assert not lab.leftovers(), f"left behind: {lab.leftovers()}"
 
 
 @pytest.fixture
@@ -264,3 +154,27 @@ def test_stage_lost_to_a_dead_link_is_rebuilt_across_hosts(lab, load, tmp_path):
     stage2 = [p for p in report["stages"][1]["peers"] if p["state"] == "ONLINE"]
     assert [p["source"] for p in stage2] == ["checkfree"]
     assert stage2[0]["recovered_from"] == [f"1:{match.group(1)}", f"3:{match.group(2)}"]
+
+
+def test_a_limited_link_carries_no_more_than_its_rate_and_counts_every_byte(lab):
+    """The benchmarks' slow links (benchmarks/slow_links.py): tc's token bucket holds a host to its rate each way,
+    and the link's counters see the bytes sent through it."""
+    sender, receiver = lab.add_host(), lab.add_host()
+    lab.limit(sender, 16.0)  # 2 MB/s each way
+    payload = 4_000_000
+    sink = (f"import socket\ns = socket.create_server(({receiver.address!r}, 9999))\nc, _ = s.accept()\nn = 0\n"
+            "while (d := c.recv(65536)):\n    n += len(d)\nprint(n)")
+    source = f"import socket\ns = socket.create_connection(({receiver.address!r}, 9999))\ns.sendall(bytes({payload}))"
+    server = lab.start(receiver, "sink", argv=[sys.executable, "-c", sink])
+    wait_until(lambda: "9999" in lab.run_raw(receiver, "ss", "-ltn").stdout, 30, "the sink to listen")
+    sent_before, _ = lab.link_bytes(sender)
+    started = time.monotonic()
+    send = lab.run_raw(sender, sys.executable, "-c", source)
+    assert send.returncode == 0, send.stderr
+    assert server.process.wait(30) == 0
+    elapsed = time.monotonic() - started
+    assert lab.log(server).strip() == str(payload)
+    sent = lab.link_bytes(sender)[0] - sent_before
+    assert payload <= sent < payload * 1.1  # the payload, and TCP/IP headers
+    assert elapsed > 0.8 * payload / 2e6, elapsed  # 4 MB through a 2 MB/s link: about 2 s, not milliseconds
+    lab.limit(sender, None)
