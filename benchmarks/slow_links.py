@@ -46,6 +46,7 @@ from throughput import CORES, DEFAULT_VARIANT, VARIANTS, Variant, run_in_process
 from cfnode.bench.netlab import Host, Lab, unavailable
 from cfnode.config import RunSpec
 from cfnode.data import TextDataset, load_corpus
+from cfnode.launcher import wait_for_maddr
 from cfnode.model import build_body_stage, build_head, count_parameters
 from cfnode.node.events import EventFollower
 
@@ -150,8 +151,7 @@ class SlowLinks:
             bootstrap = lab.start(self.boot, "bootstrap", "bootstrap", "--host", self.boot.address, "--port",
                                   str(BOOTSTRAP_PORT), "--config", str(spec_path), "--maddr-file", str(maddr_path),
                                   "--trainer", str(key), "--log-level", "warning")
-            maddr = _wait(lambda: maddr_path.exists() and maddr_path.read_text().strip(), bootstrap, 90,
-                          "the bootstrap's address")
+            maddr = wait_for_maddr(maddr_path, bootstrap, timeout=90)
             for stage, host in enumerate(self.stage_hosts, start=1):
                 lab.start(host, f"stage-{stage}", "join", "--initial-peers", maddr, "--stage", str(stage), "--host",
                           host.address, "--threads", threads, "--keep-activations", str(variant.keep_activations),
@@ -182,7 +182,7 @@ class SlowLinks:
             return dict(ok=True, tokens_per_s=round(tokens / sum(e["step_time"] for e in steps), 1),
                         bytes_per_token=counters.bytes_per_token(*window, tokens), final_loss=steps[-1]["loss"],
                         failures=sum(e.get("event") == "peer_failed" for e in follower.events))
-        except RuntimeError as e:
+        except (RuntimeError, TimeoutError) as e:
             return dict(ok=False, error=str(e), logs=lab.logs()[-4000:])
         finally:
             lab.stop_processes()
@@ -229,18 +229,6 @@ class SlowLinks:
         return dict(ok=True, tokens_per_s=result["tokens_per_s"], final_loss=result["final_loss"],
                     bytes_per_token=counters.bytes_per_token(ends.get(args.warmup), ends.get(args.warmup + args.steps),
                                                              result["tokens"]))
-
-
-def _wait(condition: Any, child: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if child.process.poll() is not None:
-            raise RuntimeError(f"{child.name} exited with {child.process.returncode} before {what}")
-        time.sleep(0.1)
-    raise RuntimeError(f"no {what} after {timeout:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
